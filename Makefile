@@ -1,0 +1,37 @@
+# The two commands of the README: `make up` runs the local pipeline, `make test` runs every test.
+# Everything kotel downloads or writes stays under .venv/ and .kotel/ in this folder.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TOPOLOGY ?= topologies/dev.yaml
+
+.PHONY: install up down status test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+up: install
+	$(BIN)/kotel kafka start
+	$(BIN)/kotel topology apply $(TOPOLOGY)
+
+down:
+	-$(BIN)/kotel kafka stop
+
+status:
+	$(BIN)/kotel kafka status
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install
+	$(BIN)/kotel kafka fetch
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -ra
+
+clean: down
+	rm -rf .kotel
