@@ -1,0 +1,1 @@
+"""Kafka for kotel: the local broker (`kotel kafka ...`, :mod:`kotel.kafka.broker`) and client helpers."""
