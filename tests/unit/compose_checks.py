@@ -30,7 +30,7 @@ KAFKA = "kafka:9092"
 # Subcommands deploy/compose.pipeline.yml uses before the CLI registers them. Once one is registered,
 # test_pending_subcommands_are_not_registered_yet fails: delete its name here (one line) and its services
 # are checked against the CLI like kotel-init; they may then move into docker-compose.yml.
-PENDING_SUBCOMMANDS = frozenset({"agent", "worker", "sink"})
+PENDING_SUBCOMMANDS = frozenset({"worker", "sink"})
 
 CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
 Services = Mapping[str, Mapping[str, Any]]
