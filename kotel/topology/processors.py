@@ -20,6 +20,9 @@ class BatchConfig(Model):
     send_batch_max_size: int = Field(0, ge=0)
     metadata_keys: list[str] = []
     metadata_cardinality_limit: int = Field(1000, ge=0)
+    # kotel: a client is answered only once its data is durable, so a batch also goes out when its
+    # oldest waiting export has waited this long; `timeout` alone could hold clients for seconds.
+    max_ack_delay: Duration = timedelta(milliseconds=50)
 
     @model_validator(mode="after")
     def _max_not_below_size(self) -> BatchConfig:

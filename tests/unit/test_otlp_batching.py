@@ -14,8 +14,10 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from kotel.otlp import (
+    OtlpDecodeError,
     OtlpSizeError,
     Signal,
+    decode_protobuf,
     merge_requests,
     resource_key,
     split_by_key,
@@ -110,31 +112,36 @@ def test_merge_requests() -> None:
 _TEXT = st.text("abcdefghij", max_size=60)
 
 
+def _shell(message: Any, field: str) -> bytes:
+    """The message without one repeated field: keeps presence of empty resource/scope exactly."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    copy.ClearField(field)
+    return copy.SerializeToString()
+
+
 def _flatten(signal: Signal, request: Any) -> list[tuple[bytes, ...]]:
     """Every item with its full context (resource, scope, metric identity); empty containers as markers."""
     out: list[tuple[bytes, ...]] = []
     for res in getattr(request, signal.resource_field):
-        r = (res.resource.SerializeToString(), res.schema_url.encode())
+        r = (_shell(res, signal.scope_field),)
         scopes = getattr(res, signal.scope_field)
         if not scopes:
             out.append(r)
         for scope in scopes:
-            s = (*r, scope.scope.SerializeToString(), scope.schema_url.encode())
+            s = (*r, _shell(scope, signal.item_field))
             items = getattr(scope, signal.item_field)
             if not items:
                 out.append(s)
             for item in items:
-                if signal is not Signal.METRICS:
+                kind = item.WhichOneof("data") if signal is Signal.METRICS else None
+                if kind is None:
                     out.append((*s, item.SerializeToString()))
                     continue
-                kind = item.WhichOneof("data")
                 shell = metrics_pb2.Metric()
                 shell.CopyFrom(item)
-                if kind is None:
-                    out.append((*s, shell.SerializeToString()))
-                    continue
-                points = list(getattr(item, kind).data_points)
                 del getattr(shell, kind).data_points[:]
+                points = getattr(item, kind).data_points
                 out.extend((*s, shell.SerializeToString(), p.SerializeToString()) for p in points)
                 if not points:
                     out.append((*s, shell.SerializeToString()))
@@ -145,18 +152,15 @@ def _alone(signal: Signal, context: tuple[bytes, ...]) -> int:
     """Serialized size of the smallest request holding this flattened entry."""
     req = signal.request_class()
     res = getattr(req, signal.resource_field).add()
-    res.resource.ParseFromString(context[0])
-    res.schema_url = context[1].decode()
-    if len(context) > 2:
+    res.ParseFromString(context[0])
+    if len(context) > 1:
         scope = getattr(res, signal.scope_field).add()
-        scope.scope.ParseFromString(context[2])
-        scope.schema_url = context[3].decode()
-        if len(context) > 4:
+        scope.ParseFromString(context[1])
+        if len(context) > 2:
             item = getattr(scope, signal.item_field).add()
-            item.ParseFromString(context[4])
-            if len(context) > 5:
-                kind = item.WhichOneof("data")
-                getattr(item, kind).data_points.add().ParseFromString(context[5])
+            item.ParseFromString(context[2])
+            if len(context) > 3:
+                getattr(item, item.WhichOneof("data")).data_points.add().ParseFromString(context[3])
     return req.ByteSize()
 
 
@@ -265,3 +269,47 @@ def test_resource_too_large_error_and_bad_arguments() -> None:
     with pytest.raises(TypeError) as terr:
         split_serialized(Signal.LOGS, req, 100)
     assert str(terr.value) == "expected a ExportLogsServiceRequest, got ExportTraceServiceRequest"
+
+
+def test_data_point_too_large_error_names_the_metric_kind() -> None:
+    req = Signal.METRICS.request_class()
+    metric = req.resource_metrics.add().scope_metrics.add().metrics.add(name="m")
+    metric.exponential_histogram.data_points.add(count=1)
+    big = metric.exponential_histogram.data_points.add(count=2)
+    big.attributes.add(key="k").value.string_value = "v" * 300
+    alone = _alone(Signal.METRICS, _flatten(Signal.METRICS, req)[1])
+    assert alone > 300
+    with pytest.raises(OtlpSizeError) as err:
+        split_to_max_bytes(Signal.METRICS, req, 100)
+    assert str(err.value) == (
+        "data point at resourceMetrics[0].scopeMetrics[0].metrics[0].exponentialHistogram.dataPoints[1] "
+        f"needs {alone} bytes with its resource and scope, more than max_bytes=100"
+    )
+
+
+def test_split_keeps_unknown_fields_including_groups() -> None:
+    # An unknown group (wire types 3/4, field 100) holding a varint and a nested group, as an old producer
+    # could send; upb keeps it as an unknown field and splitting must carry it, not choke on it.
+    group = b"\xa3\x06" + b"\x08\x01" + b"\x3b" + b"\x12\x01x" + b"\x3c" + b"\xa4\x06"
+    base = _traces_with([_resource(service_name="svc")], spans_per_scope=2)
+    req = Signal.TRACES.request_class.FromString(base.SerializeToString() + group)
+    parts = split_to_max_bytes(Signal.TRACES, req, req.ByteSize() - 1)
+    assert len(parts) > 1
+    assert all(p.SerializeToString().endswith(group) for p in parts)
+    assert _flatten(Signal.TRACES, merge_requests(Signal.TRACES, parts)) == _flatten(Signal.TRACES, base)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(list(Signal)), st.binary(max_size=200), st.integers(1, 300))
+def test_fuzz_protobuf_decode_and_split(signal: Signal, data: bytes, max_bytes: int) -> None:
+    """Arbitrary bytes: a decode error, or a request that splits cleanly or says which item is too big."""
+    try:
+        req = decode_protobuf(signal, data)
+    except OtlpDecodeError:
+        return
+    try:
+        parts = split_to_max_bytes(signal, req, max_bytes)
+    except OtlpSizeError:
+        return
+    assert all(p.ByteSize() <= max_bytes for p in parts)
+    assert _flatten(signal, merge_requests(signal, parts)) == _flatten(signal, req)

@@ -237,3 +237,26 @@ def random_traces(draw: st.DrawFn) -> ExportTraceServiceRequest:
 @given(random_traces())
 def test_round_trip_property(req: ExportTraceServiceRequest) -> None:
     assert decode_json(Signal.TRACES, encode_json(req)) == req
+
+
+_KEYS = st.sampled_from([
+    "resourceSpans", "resource_spans", "scopeSpans", "spans", "traceId", "spanId", "parentSpanId", "links",
+    "kind", "name", "attributes", "key", "value", "intValue", "kvlistValue", "values", "status", "code",
+    "startTimeUnixNano", "resourceLogs", "scopeLogs", "logRecords", "resourceMetrics", "scopeMetrics",
+    "metrics", "sum", "dataPoints", "exemplars", "bucketCounts", "unknown",
+])
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=34),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=4),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(list(Signal)), _JSON)
+def test_fuzz_only_decode_errors(signal: Signal, doc: object) -> None:
+    """Whatever the JSON, the caller sees a request or an OtlpDecodeError, never another exception."""
+    try:
+        decode_json(signal, json.dumps(doc).encode())
+    except OtlpDecodeError as exc:
+        assert str(exc).startswith(f"invalid OTLP/JSON {signal.request_class.__name__}")

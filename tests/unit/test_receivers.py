@@ -17,7 +17,6 @@ import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
-from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from opentelemetry._logs import SeverityNumber
@@ -102,9 +101,10 @@ class Agent:
 @pytest_asyncio.fixture(loop_scope="session")
 async def agent() -> AsyncIterator[Agent]:
     handler, metrics = FakeHandler(), AgentMetrics()
-    grpc_rx = GrpcReceiver(GrpcServerConfig(max_recv_msg_size_mib=1), handler, metrics, endpoint="127.0.0.1:0")
-    http_rx = HttpReceiver(HttpServerConfig(max_request_body_size=HTTP_LIMIT), handler, metrics,
-                           endpoint="127.0.0.1:0")
+    local = "127.0.0.1:0"
+    grpc_rx = GrpcReceiver(GrpcServerConfig(max_recv_msg_size_mib=1), handler, metrics, endpoint=local)
+    http_cfg = HttpServerConfig(max_request_body_size=HTTP_LIMIT)
+    http_rx = HttpReceiver(http_cfg, handler, metrics, endpoint=local)
     await grpc_rx.start()
     await http_rx.start()
     try:
@@ -190,7 +190,8 @@ def sdk_data() -> Iterator[SdkData]:
 def _sdk_exporters(agent: Agent, transport: str, gzip_on: bool) -> tuple[Any, Any, Any]:
     if transport == "grpc":
         comp = grpc.Compression.Gzip if gzip_on else grpc.Compression.NoCompression
-        kw: dict[str, Any] = {"endpoint": agent.grpc_target, "insecure": True, "timeout": 5, "compression": comp}
+        kw: dict[str, Any] = {"endpoint": agent.grpc_target, "insecure": True, "timeout": 5,
+                              "compression": comp}
         return GrpcSpanExporter(**kw), GrpcMetricExporter(**kw), GrpcLogExporter(**kw)
     comp = HttpCompression.Gzip if gzip_on else HttpCompression.NoCompression
     base = agent.http_base
@@ -222,9 +223,8 @@ async def test_sdk_exports_reach_the_handler_unchanged(
     assert [sig for sig, _, _ in agent.handler.calls] == [Signal.TRACES, Signal.METRICS, Signal.LOGS]
     for sig, want in expected.items():
         assert got[sig] == want, sig
-    assert [s.name for rs in got[Signal.TRACES].resource_spans for ss in rs.scope_spans for s in ss.spans] == [
-        "child", "parent", "logged"
-    ]
+    spans = [s for rs in got[Signal.TRACES].resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert [s.name for s in spans] == ["child", "parent", "logged"]
     assert count_items(got[Signal.METRICS]) == 3
     assert count_items(got[Signal.LOGS]) == 2
     for sig, want in expected.items():
@@ -309,7 +309,8 @@ async def test_partial_success_reaches_the_client(
         assert (getattr(ps, REJECTED_FIELD[signal]), ps.error_message) == (1, "over the attribute limit")
 
     json_body = encode_json(signal.request_class.FromString(body))
-    async with session.post(f"{agent.http_base}/v1/{signal}", data=json_body, headers={"Content-Type": JS}) as r:
+    url = f"{agent.http_base}/v1/{signal}"
+    async with session.post(url, data=json_body, headers={"Content-Type": JS}) as r:
         assert (r.status, r.content_type) == (200, JS)
         camel = {"rejected_spans": "rejectedSpans", "rejected_data_points": "rejectedDataPoints",
                  "rejected_log_records": "rejectedLogRecords"}[REJECTED_FIELD[signal]]
@@ -371,7 +372,8 @@ BAD_HTTP = {
                                    "resourceSpans[0].scopeSpans[0].spans[0].name: expected a string, got 5",
                                    JS),
     "JSON id of the wrong length": Bad(
-        b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "abcd", "spanId": "0102030405060708"}]}]}]}',
+        b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "abcd", '
+        b'"spanId": "0102030405060708"}]}]}]}',
         400, "malformed", "invalid OTLP/JSON ExportTraceServiceRequest at "
         "resourceSpans[0].scopeSpans[0].spans[0].traceId: expected 32 hex characters, got 4", JS),
     "protobuf id of the wrong length": Bad(WRONG_ID, 400, "invalid", ID_LENGTH),
@@ -380,7 +382,8 @@ BAD_HTTP = {
                               "unsupported Content-Type 'text/plain' "
                               "(expected application/x-protobuf or application/json)", "text/plain"),
     "unsupported encoding": Bad(b"x", 415, "unsupported_encoding",
-                                "unsupported Content-Encoding 'br' (expected gzip or identity)", encoding="br"),
+                                "unsupported Content-Encoding 'br' (expected gzip or identity)",
+                                encoding="br"),
     "body over the limit": Bad(BIG, 413, "too_large", TOO_LARGE),
     "not gzip": Bad(NOT_GZIP, 400, "malformed",
                     "invalid gzip body: Error -3 while decompressing data: incorrect header check",
@@ -400,13 +403,15 @@ BAD_HTTP = {
 
 @pytest.mark.parametrize("case", BAD_HTTP.values(), ids=BAD_HTTP.keys())
 async def test_http_bad_input_is_rejected_exactly(
-    agent: Agent, session: aiohttp.ClientSession, case: Bad
+    agent: Agent, session: aiohttp.ClientSession, case: Bad, caplog: pytest.LogCaptureFixture
 ) -> None:
     headers = {"Content-Type": case.content_type}
     if case.encoding:
         headers["Content-Encoding"] = case.encoding
-    async with session.request(case.method, agent.http_base + case.path, data=case.body,
-                               headers=headers) as resp:
+    with caplog.at_level(logging.DEBUG, logger="agents.receivers"):
+        url = agent.http_base + case.path
+        resp = await session.request(case.method, url, data=case.body, headers=headers)
+    async with resp:
         body = await resp.read()
         assert resp.status == case.status
         # Errors answer in the request's encoding; protobuf when the request's is unknown.
@@ -420,6 +425,8 @@ async def test_http_bad_input_is_rejected_exactly(
             assert resp.headers["Allow"] == "POST"
     assert agent.count("rejected_requests", transport="http", reason=case.reason) == 1
     assert agent.handler.calls == []
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG] == [
+        f"rejected OTLP/http request ({case.reason}): {case.message}"]
 
 
 async def test_http_body_over_the_limit_without_content_length(
@@ -429,13 +436,16 @@ async def test_http_body_over_the_limit_without_content_length(
         for _ in range(8):
             yield bytes(HTTP_LIMIT // 4)
 
-    async with session.post(f"{agent.http_base}/v1/logs", data=chunks(), headers={"Content-Type": PB}) as resp:
+    url = f"{agent.http_base}/v1/logs"
+    async with session.post(url, data=chunks(), headers={"Content-Type": PB}) as resp:
         assert resp.request_info.headers.get("Transfer-Encoding") == "chunked"
         assert resp.status == 413
         assert status_pb2.Status.FromString(await resp.read()).message == TOO_LARGE
 
 
-async def test_http_bad_data_carries_a_bad_request_detail(agent: Agent, session: aiohttp.ClientSession) -> None:
+async def test_http_bad_data_carries_a_bad_request_detail(
+    agent: Agent, session: aiohttp.ClientSession
+) -> None:
     async with session.post(f"{agent.http_base}/v1/traces", data=WRONG_ID, headers={"Content-Type": PB}) as r:
         st = status_pb2.Status.FromString(await r.read())
     assert st.code == code_pb2.INVALID_ARGUMENT
@@ -448,7 +458,7 @@ async def test_http_bad_data_carries_a_bad_request_detail(agent: Agent, session:
 async def test_gunzip_caps_memory_of_a_bomb() -> None:
     squeezer = zlib.compressobj(9, zlib.DEFLATED, 31)
     zero = bytes(1 << 20)
-    bomb = b"".join(squeezer.compress(zero) for _ in range(256)) + squeezer.flush()  # 256 MiB inflated
+    bomb = b"".join(squeezer.compress(zero) for _ in range(64)) + squeezer.flush()  # 64 MiB inflated
     assert len(bomb) < HTTP_LIMIT
     tracemalloc.start()
     try:
@@ -562,7 +572,7 @@ async def test_sdk_grpc_exporter_honours_retry_info(agent: Agent, sdk_data: SdkD
     try:
         started = time.monotonic()
         assert (await asyncio.to_thread(exporter.export, sdk_data.spans)).name == "SUCCESS"
-        assert 0.3 <= time.monotonic() - started < 2.5
+        assert time.monotonic() - started >= 0.3  # waited at least the hint: behaviour, not speed
     finally:
         await asyncio.to_thread(exporter.shutdown)
     assert [r for _, r, _ in agent.handler.calls] == [encode_spans(sdk_data.spans)]
@@ -649,9 +659,11 @@ async def test_stop_lets_in_flight_exports_finish_within_grace() -> None:
         posted = asyncio.ensure_future(s.post(f"http://127.0.0.1:{http_rx.port}/v1/traces", data=body,
                                               headers={"Content-Type": PB}))
         called = asyncio.ensure_future(grpc_call(ch, Signal.TRACES, body))
-        while len(handler.calls) < 0 or not (http_rx._inflight and metrics.registry.get_sample_value(
-                "kotel_agent_received_items_total", {"signal": "traces", "transport": "grpc"})):
-            await asyncio.sleep(0.01)
+        grpc_received = {"signal": "traces", "transport": "grpc"}
+        async with asyncio.timeout(5):
+            while not (http_rx.in_flight and metrics.registry.get_sample_value(
+                    "kotel_agent_received_items_total", grpc_received)):
+                await asyncio.sleep(0.01)
         started = time.monotonic()
         await asyncio.gather(http_rx.stop(grace=5), grpc_rx.stop(grace=5))
         assert time.monotonic() - started < 2
@@ -670,8 +682,9 @@ async def test_stop_cancels_exports_that_outlive_the_grace() -> None:
         posted = asyncio.ensure_future(s.post(f"http://127.0.0.1:{http_rx.port}/v1/traces",
                                               data=trace_request().SerializeToString(),
                                               headers={"Content-Type": PB}))
-        while not http_rx._inflight:
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(5):
+            while not http_rx.in_flight:
+                await asyncio.sleep(0.01)
         started = time.monotonic()
         await http_rx.stop(grace=0.2)
         assert time.monotonic() - started < 2
@@ -713,7 +726,7 @@ async def test_a_taken_port_fails_start() -> None:
     await first.start()
     try:
         second = GrpcReceiver(GrpcServerConfig(), handler, metrics, endpoint=f"127.0.0.1:{first.port}")
-        with pytest.raises(OSError, match="cannot listen on 127.0.0.1:"):
+        with pytest.raises(OSError, match=r"cannot listen on 127\.0\.0\.1:"):
             await second.start()
         await second.stop(0)
     finally:

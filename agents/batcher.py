@@ -1,0 +1,111 @@
+"""The batch processor: gathers accepted requests and hands them on as larger OTLP requests.
+
+Every submitter waits for its batch to be durable (the delivery promise), so a batch is flushed at
+``send_batch_size`` items, after ``timeout``, or once its oldest submitter has waited
+``max_ack_delay`` — whichever comes first. ``send_batch_max_size`` cuts a large backlog into
+several batches of whole requests (a single request larger than it goes alone, unsplit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from google.protobuf.message import Message
+
+from kotel.otlp import Signal, merge_requests
+from kotel.topology.processors import BatchConfig
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Signal, Message], Awaitable[None]]
+
+
+@dataclass
+class _Pending:
+    requests: list[Message] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    items: int = 0
+
+
+class Batcher:
+    def __init__(self, signal: Signal, config: BatchConfig, sink: Sink) -> None:
+        self.signal = signal
+        self._size = config.send_batch_size
+        self._max = config.send_batch_max_size
+        self._wait = min(config.timeout, config.max_ack_delay).total_seconds()
+        self._sink = sink
+        self._pending = _Pending()
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def add(self, request: Message, items: int) -> None:
+        """Return once the batch holding ``request`` is durable; raise what the sink raised."""
+        if self._closed:
+            raise RuntimeError("batcher is closed")
+        waiter = asyncio.get_running_loop().create_future()
+        pending = self._pending
+        pending.requests.append(request)
+        pending.counts.append(items)
+        pending.waiters.append(waiter)
+        pending.items += items
+        if self._size and pending.items >= self._size:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._wait, self._flush)
+        await waiter
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, _Pending()
+        if not pending.requests:
+            return
+        for chunk in self._chunks(pending):
+            task = asyncio.get_running_loop().create_task(self._deliver(*chunk))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    def _chunks(self, pending: _Pending) -> list[tuple[list[Message], list[asyncio.Future[None]]]]:
+        if not self._max or pending.items <= self._max:
+            return [(pending.requests, pending.waiters)]
+        chunks, requests, waiters, items = [], [], [], 0
+        for request, count, waiter in zip(pending.requests, pending.counts, pending.waiters, strict=True):
+            if requests and items + count > self._max:
+                chunks.append((requests, waiters))
+                requests, waiters, items = [], [], 0
+            requests.append(request)
+            waiters.append(waiter)
+            items += count
+        chunks.append((requests, waiters))
+        return chunks
+
+    async def _deliver(self, requests: list[Message], waiters: list[asyncio.Future[None]]) -> None:
+        try:
+            batch = requests[0] if len(requests) == 1 else merge_requests(self.signal, requests)
+            await self._sink(self.signal, batch)
+        except Exception as exc:  # every waiter learns the outcome; nothing is retried silently here
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            # Retrieved by the waiters; keep asyncio from logging "exception never retrieved" twice.
+            for waiter in waiters:
+                waiter.exception()
+            return
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def close(self) -> None:
+        """Flush what is pending and wait for every flush under way (used on reload and shutdown)."""
+        self._closed = True
+        self._flush()
+        if self._flushes:
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*self._flushes, return_exceptions=True)
