@@ -65,7 +65,7 @@ class Agent:
             await publisher.start()
         self.pipelines = PipelineSet(self.topology, self.publishers, self.metrics)
         admission = self._admission(self.topology, self.pipelines)
-        self.handler = AgentHandler(self.pipelines, admission, self.metrics)
+        self.handler = AgentHandler(self.pipelines, admission, self.metrics, self.topology.tenancy.attribute)
         self.admin = AdminServer(agent.metrics_endpoint, self.metrics, self._readiness)
         await self.admin.start()
         self.receivers = self._build_receivers(self.topology)
@@ -128,18 +128,25 @@ class Agent:
         except (AgentConfigError, ValueError) as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return False
-        if kafka_changed:
-            for publisher in publishers.values():
-                await publisher.start()
         assert self.handler is not None and self.pipelines is not None
-        old_pipelines, old_publishers = self.pipelines, self.publishers
-        self.pipelines, self.publishers, self.topology = pipelines, publishers, topology
-        self.handler.pipelines = pipelines
-        self.handler.admission = self._admission(topology, pipelines)
-        await old_pipelines.close()  # flushes what the old pipelines had accepted
+        handler, old_pipelines, old_publishers = self.handler, self.pipelines, self.publishers
         if kafka_changed:
-            for publisher in old_publishers.values():
-                await publisher.close()
+            # Old and new publishers share the spill directory, so the old ones must be closed first:
+            # exports wait at the gate (bounded by the flush) while the Kafka side is swapped.
+            handler.gate.clear()
+            try:
+                await handler.idle.wait()
+                await old_pipelines.close()
+                for publisher in old_publishers.values():
+                    await publisher.close()
+                for publisher in publishers.values():
+                    await publisher.start()
+            finally:
+                self._swap(topology, pipelines, publishers)
+                handler.gate.set()
+        else:
+            self._swap(topology, pipelines, publishers)
+            await old_pipelines.close()  # flushes what the old pipelines had accepted
         if topology.agent.receivers != old.agent.receivers:  # type: ignore[union-attr]
             for receiver in self.receivers:
                 await receiver.stop(5.0)
@@ -148,6 +155,12 @@ class Agent:
                 await receiver.start()
         log.info("configuration reloaded")
         return True
+
+    def _swap(self, topology: Topology, pipelines: PipelineSet, publishers: dict[str, Publisher]) -> None:
+        assert self.handler is not None
+        self.pipelines, self.publishers, self.topology = pipelines, publishers, topology
+        self.handler.pipelines = pipelines
+        self.handler.admission = self._admission(topology, pipelines)
 
     async def _watch(self, path: Path, interval: float = 2.0) -> None:
         last = path.stat().st_mtime_ns if path.exists() else 0

@@ -1,32 +1,29 @@
-"""The batch processor: gathers accepted requests and hands them on as larger OTLP requests.
+"""The batch processor: gathers accepted resource entries and hands them on per Kafka key.
 
-Every submitter waits for its batch to be durable (the delivery promise), so a batch is flushed at
-``send_batch_size`` items, after ``timeout``, or once its oldest submitter has waited
-``max_ack_delay`` — whichever comes first. ``send_batch_max_size`` cuts a large backlog into
-several batches of whole requests (a single request larger than it goes alone, unsplit).
+Entries arrive already serialized (kotel.otlp.entries), so a batch is built by joining bytes per
+key, never by copying messages. Every submitter waits for its batch to be durable (the delivery
+promise), so a batch is flushed at ``send_batch_size`` items, after ``timeout``, or once its oldest
+submitter has waited ``max_ack_delay`` — whichever comes first. ``send_batch_max_size`` cuts a
+large backlog into several batches of whole requests (a single request larger than it goes alone).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from google.protobuf.message import Message
-
-from kotel.otlp import Signal, merge_requests
+from kotel.otlp import Entry, Signal, join
 from kotel.topology.processors import BatchConfig
 
-log = logging.getLogger(__name__)
-
-Sink = Callable[[Signal, Message], Awaitable[None]]
+# (signal, key, tenant, request bytes) -> durable
+Sink = Callable[[Signal, str, str, bytes], Awaitable[None]]
 
 
 @dataclass
 class _Pending:
-    requests: list[Message] = field(default_factory=list)
+    requests: list[list[Entry]] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     items: int = 0
@@ -44,13 +41,14 @@ class Batcher:
         self._flushes: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def add(self, request: Message, items: int) -> None:
-        """Return once the batch holding ``request`` is durable; raise what the sink raised."""
+    async def add(self, entries: list[Entry]) -> None:
+        """Return once the batch holding these entries is durable; raise what the sink raised."""
         if self._closed:
             raise RuntimeError("batcher is closed")
+        items = sum(e.items for e in entries)
         waiter = asyncio.get_running_loop().create_future()
         pending = self._pending
-        pending.requests.append(request)
+        pending.requests.append(entries)
         pending.counts.append(items)
         pending.waiters.append(waiter)
         pending.items += items
@@ -67,12 +65,12 @@ class Batcher:
         pending, self._pending = self._pending, _Pending()
         if not pending.requests:
             return
-        for chunk in self._chunks(pending):
-            task = asyncio.get_running_loop().create_task(self._deliver(*chunk))
+        for requests, waiters in self._chunks(pending):
+            task = asyncio.get_running_loop().create_task(self._deliver(requests, waiters))
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
 
-    def _chunks(self, pending: _Pending) -> list[tuple[list[Message], list[asyncio.Future[None]]]]:
+    def _chunks(self, pending: _Pending) -> list[tuple[list[list[Entry]], list[asyncio.Future[None]]]]:
         if not self._max or pending.items <= self._max:
             return [(pending.requests, pending.waiters)]
         chunks, requests, waiters, items = [], [], [], 0
@@ -86,17 +84,19 @@ class Batcher:
         chunks.append((requests, waiters))
         return chunks
 
-    async def _deliver(self, requests: list[Message], waiters: list[asyncio.Future[None]]) -> None:
+    async def _deliver(self, requests: list[list[Entry]], waiters: list[asyncio.Future[None]]) -> None:
+        by_key: dict[tuple[str, str], list[bytes]] = {}
+        for request in requests:
+            for entry in request:
+                by_key.setdefault((entry.key, entry.tenant), []).append(entry.framed)
         try:
-            batch = requests[0] if len(requests) == 1 else merge_requests(self.signal, requests)
-            await self._sink(self.signal, batch)
+            await asyncio.gather(*(self._sink(self.signal, key, tenant, join(framed))
+                                   for (key, tenant), framed in by_key.items()))
         except Exception as exc:  # every waiter learns the outcome; nothing is retried silently here
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(exc)
-            # Retrieved by the waiters; keep asyncio from logging "exception never retrieved" twice.
-            for waiter in waiters:
-                waiter.exception()
+                    waiter.exception()  # retrieved by the waiter; keeps asyncio from logging it again
             return
         for waiter in waiters:
             if not waiter.done():

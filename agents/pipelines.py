@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from google.protobuf.message import Message
 
 from agents.admission import Admission
-from agents.batcher import Batcher, Sink
+from agents.batcher import Batcher
 from agents.contracts import ExportResult, Processor
 from agents.processors import DegradeProcessor, MemoryLimiter, build_processor
 from agents.publish import Publisher
 from agents.telemetry import AgentMetrics
-from kotel.otlp import Signal, count_items, split_by_key
+from kotel.otlp import Signal, count_items, entries
 from kotel.topology import Topology
 from kotel.topology.base import component_type
 from kotel.topology.processors import BatchConfig
@@ -41,6 +41,7 @@ class Pipeline:
     processors: list[Processor]
     batcher: Batcher
     degrade: DegradeProcessor
+    key_attribute: str
 
     def run(self, request: Message, degraded: bool) -> Message | None:
         for processor in self.processors:
@@ -89,51 +90,43 @@ class PipelineSet:
             exporter = agent.exporters[kafka[0]]
             degrade = build_processor("degrade", exporter.backpressure.degrade, metrics, hash_seed=hash_seed)
             assert isinstance(degrade, DegradeProcessor)
-            batcher = Batcher(signal, batch, _publish_by_key(publisher, self.key_fallback,
-                                                             topology.tenancy.attribute))
-            self.by_signal[signal].append(Pipeline(pid, signal, processors, batcher, degrade))
+            batcher = Batcher(signal, batch, publisher.publish_wire)
+            self.by_signal[signal].append(Pipeline(pid, signal, processors, batcher, degrade,
+                                                   exporter.key_attribute))
 
     async def close(self) -> None:
         await asyncio.gather(*(p.batcher.close() for ps in self.by_signal.values() for p in ps))
 
 
-def _publish_by_key(publisher: Publisher, fallback: str, tenant_attribute: str) -> Sink:
-    """One Kafka record per key: ``service.instance.id`` keeps each instance's data on one partition."""
-
-    async def publish(signal: Signal, batch: Message) -> None:
-        parts = split_by_key(signal, batch, fallback)
-        await asyncio.gather(*(
-            publisher.publish(signal, key, _tenant_of(signal, part, tenant_attribute), part)
-            for key, part in parts.items()
-        ))
-
-    return publish
-
-
-def _tenant_of(signal: Signal, request: Message, attribute: str) -> str:
-    """The record's tenant header: set only when every resource agrees (routing's fast path)."""
-    tenants = set()
-    for entry in getattr(request, signal.resource_field):
-        value = ""
-        for kv in entry.resource.attributes:
-            if kv.key == attribute:
-                value = kv.value.string_value
-                break
-        tenants.add(value)
-        if len(tenants) > 1:
-            return ""
-    return tenants.pop() if tenants else ""
-
-
 class AgentHandler:
     """The receivers' ExportHandler: admission, pipelines, and the answer once data is durable."""
 
-    def __init__(self, pipelines: PipelineSet, admission: Admission, metrics: AgentMetrics) -> None:
+    def __init__(self, pipelines: PipelineSet, admission: Admission, metrics: AgentMetrics,
+                 tenant_attribute: str = "tenant") -> None:
         self.pipelines = pipelines
+        self.tenant_attribute = tenant_attribute
+        # Closed only while a reload swaps the Kafka side; exports wait at the gate instead of failing.
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.active = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
         self.admission = admission
         self.metrics = metrics
 
     async def export(self, signal: Signal, request: Message, size_bytes: int) -> ExportResult:
+        if not self.gate.is_set():
+            await self.gate.wait()
+        self.active += 1
+        self.idle.clear()
+        try:
+            return await self._export(signal, request, size_bytes)
+        finally:
+            self.active -= 1
+            if not self.active:
+                self.idle.set()
+
+    async def _export(self, signal: Signal, request: Message, size_bytes: int) -> ExportResult:
         started = time.perf_counter()
         items = count_items(request)
         try:
@@ -148,8 +141,12 @@ class AgentHandler:
             for i, pipeline in enumerate(pipelines):
                 copy = request if i == len(pipelines) - 1 else _clone(request)
                 out = pipeline.run(copy, degraded)
-                if out is not None and getattr(out, signal.resource_field):
-                    waits.append(pipeline.batcher.add(out, count_items(out)))
+                if out is not None:
+                    # One Kafka record per key: service.instance.id keeps an instance on one partition.
+                    parts = list(entries(signal, out, self.pipelines.key_fallback, self.tenant_attribute,
+                                         pipeline.key_attribute))
+                    if parts:
+                        waits.append(pipeline.batcher.add(parts))
             self.metrics.processing_latency.labels(signal.value).observe(time.perf_counter() - started)
             if waits:
                 await asyncio.gather(*waits)

@@ -31,7 +31,7 @@ from agents.publish.spill import Spill, SpillRecord
 from agents.telemetry import AgentMetrics
 from kotel.kafka.settings import KafkaSettings
 from kotel.kafka.topics import TopicNames
-from kotel.otlp import OtlpSizeError, Signal, split_to_max_bytes
+from kotel.otlp import OtlpSizeError, Signal, split_wire
 from kotel.topology.exporters import FileExporterConfig, KafkaExporterConfig
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,12 @@ class Publisher:
         await self.close()
 
     async def publish(self, signal: Signal | str, key: str, tenant: str, request: ProtoMessage) -> None:
+        """Publish a request message (see publish_wire)."""
+        if not getattr(request, Signal(signal).resource_field):
+            return
+        await self.publish_wire(signal, key, tenant, request.SerializeToString())
+
+    async def publish_wire(self, signal: Signal | str, key: str, tenant: str, wire: bytes) -> None:
         """Return once every record is acknowledged by Kafka or fsynced to the spill.
 
         Raises InvalidRequest when one item alone exceeds the record size limit, Unavailable when
@@ -251,7 +257,7 @@ class Publisher:
         """
         if self._closing:
             raise Unavailable("the agent is shutting down", self._retry_after, reason="shutdown")
-        records = self._records(Signal(signal), key, tenant, request)
+        records = self._records(Signal(signal), key, tenant, wire)
         if not records:
             return
         size = sum(len(r.value) for r in records)
@@ -292,8 +298,8 @@ class Publisher:
             placed.set_result(None)
         await committed
 
-    def _records(self, signal: Signal, key: str, tenant: str, request: ProtoMessage) -> list[SpillRecord]:
-        if not getattr(request, signal.resource_field):
+    def _records(self, signal: Signal, key: str, tenant: str, wire: bytes) -> list[SpillRecord]:
+        if not wire:
             return []
         topic = self._exporter.topic or self._topics.raw(signal)
         fixed = (("kotel.tenant", tenant.encode()), ("kotel.signal", signal.value.encode()),
@@ -301,7 +307,7 @@ class Publisher:
         headroom = RECORD_OVERHEAD + len(key.encode()) + sum(len(k) + len(v) for k, v in fixed) + 30
         limit = self._exporter.producer.max_message_bytes
         try:
-            parts = split_to_max_bytes(signal, request, limit - headroom)
+            parts = split_wire(signal, wire, limit - headroom)
         except OtlpSizeError as exc:
             message = f"{exc} (producer.max_message_bytes is {limit})"
             raise InvalidRequest(message, reason="too_large") from None
@@ -309,7 +315,7 @@ class Publisher:
         for part in parts:
             seq = next(self._seq)
             headers = (*fixed, ("kotel.seq", str(seq).encode()))
-            out.append(SpillRecord(seq, signal.value, topic, key, tenant, headers, part.SerializeToString()))
+            out.append(SpillRecord(seq, signal.value, topic, key, tenant, headers, part))
         return out
 
     def _breaker_changed(self, state: BreakerState) -> None:

@@ -169,8 +169,11 @@ class Spill:
                 self._next_part = max(self._next_part, int(path.name[len(_PART):-len(_SUFFIX)]) + 1)
         _fsync_dir(self.root)
         if self._parts:
-            stats = pq.ParquetFile(self._parts[-1].path).metadata.row_group(0).column(0).statistics
-            self.max_seq = int(stats.max) if stats is not None and stats.has_min_max else -1
+            try:
+                stats = pq.ParquetFile(self._parts[-1].path).metadata.row_group(0).column(0).statistics
+                self.max_seq = int(stats.max) if stats is not None and stats.has_min_max else -1
+            except (OSError, pa.ArrowException) as exc:  # the replayer will set the part aside
+                log.warning("cannot read the newest spill part's footer: %s", exc)
             log.info("spill at %s holds %d parts (%d bytes) from a previous run; they will be replayed",
                      self.root, len(self._parts), self._used)
         self._update_gauges()

@@ -81,6 +81,15 @@ def split_serialized(signal: Signal, request: Message, max_bytes: int) -> list[b
     return _split_wire(Signal(signal), wire, max_bytes)
 
 
+def split_wire(signal: Signal, wire: bytes, max_bytes: int) -> list[bytes]:
+    """Split an already serialized request (for example joined resource entries) into parts <= max_bytes."""
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    if len(wire) <= max_bytes:
+        return [wire]
+    return _split_wire(Signal(signal), wire, max_bytes)
+
+
 def _serialize_checked(signal: Signal, request: Message, max_bytes: int) -> bytes:
     if max_bytes <= 0:
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
@@ -187,6 +196,9 @@ def _scan(buf: memoryview, pos: int, end: int) -> list[tuple[int, int, int, int,
             length = buf[pos]
             if length < 0x80:
                 pos += 1
+            elif buf[pos + 1] < 0x80:  # items of 128 B .. 16 KiB
+                length = (length & 0x7F) | (buf[pos + 1] << 7)
+                pos += 2
             else:
                 length, pos = _read_varint(buf, pos)
             payload = pos

@@ -223,3 +223,23 @@ async def test_invalid_reload_keeps_running_configuration(agent: tuple[Agent, Ag
     exporter.shutdown()
     records = read_topic(setup.bootstrap, f"{setup.prefix}.raw.traces", Signal.TRACES)
     assert sum(count_items(r.request) for r in records) == 1
+
+
+async def test_reload_that_changes_the_kafka_side_loses_nothing(agent: tuple[Agent, AgentSetup]) -> None:
+    running, setup = agent
+    from kotel.topology import parse_topology
+
+    exporter = GrpcSpans(endpoint=f"127.0.0.1:{setup.grpc_port}", insecure=True)
+    before = asyncio.create_task(asyncio.to_thread(exporter.export, _spans("i-k", ["old"] * 300)))
+    text = setup.yaml().replace(
+        "kafka:\n      timeout:", "kafka:\n      producer: {compression: lz4}\n      timeout:"
+    )
+    assert await running.reload(parse_topology(text))
+    assert running.publishers["kafka"]._exporter.producer.compression == "lz4"
+    assert (await before).name == "SUCCESS"
+    assert (await asyncio.to_thread(exporter.export, _spans("i-k", ["new"] * 10))).name == "SUCCESS"
+    exporter.shutdown()
+    names = span_names(
+        read_topic(setup.bootstrap, f"{setup.prefix}.raw.traces", Signal.TRACES, min_records=2)
+    )
+    assert names.count("old") == 300 and names.count("new") == 10
