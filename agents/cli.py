@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
+from kotel.logs import setup_logging
 from kotel.topology import TopologyError, load_topology
 
 
@@ -19,12 +19,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--topology", required=True, metavar="FILE",
                         help="topology file with an agent section")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one object per line (time, level, logger, message) for log shippers")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(args.log_level, args.log_format)
     from agents.app import Agent
     from agents.pipelines import AgentConfigError
 

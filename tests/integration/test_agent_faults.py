@@ -222,3 +222,39 @@ def test_agent_refuses_to_start_with_an_invalid_topology(tmp_path: Path) -> None
         f"{bad}:4: agent.processors.resource.attributes[0].value: environment variable {missing} is not set "
         f"and has no default (write ${{{missing}:-value}} to give one)"
     )
+
+
+def _wait_for_log(agent: AgentProcess, text: str, count: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while agent.log.read_text().count(text) < count:
+        assert time.monotonic() < deadline, (
+            f"{text!r} not logged {count} times:\n{agent.log.read_text()[-2000:]}"
+        )
+        time.sleep(0.2)
+
+
+def test_sighup_and_file_change_reload_the_running_agent(kafka_bootstrap: str, tmp_path: Path) -> None:
+    setup = AgentSetup(kafka_bootstrap, tmp_path / "spill")
+    setup.create_topics()
+    agent = AgentProcess(setup, tmp_path)
+    agent.start()
+    target = f"127.0.0.1:{setup.grpc_port}"
+    health = """span: ['attributes["http.target"] == "/health"']"""
+    try:
+        assert _send(target, _request("i-1", ["probe"])) == grpc.StatusCode.OK
+        agent.file.write_text(setup.yaml().replace(health, """span: ['name == "probe"']"""))
+        agent.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        _wait_for_log(agent, "configuration reloaded", 1)
+        assert _send(target, _request("i-1", ["probe", "other"])) == grpc.StatusCode.OK  # probe now dropped
+        agent.file.write_text(setup.yaml())  # no signal: the file watcher notices the change
+        _wait_for_log(agent, "configuration reloaded", 2)
+        assert _send(target, _request("i-1", ["probe"])) == grpc.StatusCode.OK
+        agent.file.write_text("agent: {receivers: {}}\n")  # invalid: refused, the agent keeps running
+        _wait_for_log(agent, "reload refused", 1)
+        assert _send(target, _request("i-1", ["last"])) == grpc.StatusCode.OK
+        names = span_names(
+            read_topic(kafka_bootstrap, f"{setup.prefix}.raw.traces", Signal.TRACES, min_records=4)
+        )
+        assert sorted(names) == ["last", "other", "probe", "probe"]
+    finally:
+        agent.stop()
