@@ -18,6 +18,7 @@ install: $(VENV)/.installed
 up: install
 	$(BIN)/kotel kafka start
 	$(BIN)/kotel topology apply $(TOPOLOGY)
+	$(BIN)/kotel agent --topology $(TOPOLOGY)
 
 down:
 	-$(BIN)/kotel kafka stop

@@ -1,6 +1,6 @@
-"""Throughput of each edge-agent processor on the realistic 1024-span trace export of bench_codec.
+"""Throughput of each edge-agent processor on a realistic 1024-span trace export (kotel.otlp.samples).
 
-Run: .venv/bin/python -m loadtest.bench_processors [--spans 1024] [--seconds 1.0]
+Run: .venv/bin/python -m agents.bench_processors [--spans 1024] [--seconds 1.0]
 Processors mutate their input, so every timed call gets its own copy of the request, made before the clock
 starts. The best of several rounds is kept, so a noisy neighbour does not drag the figure down.
 """
@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 
 from agents.processors import build_processor
 from agents.telemetry import AgentMetrics
-from kotel.otlp import Signal, count_items
+from kotel.otlp import Signal, count_items, samples
 from kotel.topology.exporters import DegradeConfig
 from kotel.topology.processors import (
     FilterConfig,
@@ -26,7 +26,6 @@ from kotel.topology.processors import (
     ProbabilisticSamplerConfig,
     ResourceConfig,
 )
-from loadtest.bench_codec import build_request
 
 Process = Callable[[Signal, Message], object]
 
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="timing budget per processor")
     args = parser.parse_args(argv)
 
-    request = build_request(args.spans)
+    request = samples.traces(args.spans, health_share=0.2)
     items = count_items(request)
     print(f"request: {items} spans, {len(request.resource_spans)} resources, "
           f"{len(request.SerializeToString())} bytes; cpus={os.cpu_count()}")

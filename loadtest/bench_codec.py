@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from kotel.otlp import (
@@ -28,19 +27,9 @@ from kotel.otlp import (
     split_to_max_bytes,
     validate_request,
 )
+from kotel.otlp.attributes import kv
 
 _HTTP_ROUTES = ["/api/orders", "/api/orders/{id}", "/api/cart", "/healthz", "/api/users/{id}/profile"]
-
-
-def _kv(key: str, value: str | int | bool) -> KeyValue:
-    kv = KeyValue(key=key)
-    if isinstance(value, bool):
-        kv.value.bool_value = value
-    elif isinstance(value, int):
-        kv.value.int_value = value
-    else:
-        kv.value.string_value = value
-    return kv
 
 
 def build_request(spans: int, services: int = 4, seed: int = 7) -> ExportTraceServiceRequest:
@@ -52,13 +41,13 @@ def build_request(spans: int, services: int = 4, seed: int = 7) -> ExportTraceSe
     for s in range(services):
         rs = req.resource_spans.add()
         rs.resource.attributes.extend([
-            _kv("service.name", f"shop-{s}"),
-            _kv("service.instance.id", f"shop-{s}-7d9f8c-{s:04d}"),
-            _kv("service.version", "1.42.0"),
-            _kv("deployment.environment.name", "prod"),
-            _kv("host.name", f"node-{s % 3}.eu-west-1.compute.internal"),
-            _kv("telemetry.sdk.language", "python"),
-            _kv("telemetry.sdk.version", "1.45.0"),
+            kv("service.name", f"shop-{s}"),
+            kv("service.instance.id", f"shop-{s}-7d9f8c-{s:04d}"),
+            kv("service.version", "1.42.0"),
+            kv("deployment.environment.name", "prod"),
+            kv("host.name", f"node-{s % 3}.eu-west-1.compute.internal"),
+            kv("telemetry.sdk.language", "python"),
+            kv("telemetry.sdk.version", "1.45.0"),
         ])
         rs.schema_url = "https://opentelemetry.io/schemas/1.26.0"
         for scope_name in ("opentelemetry.instrumentation.flask", "opentelemetry.instrumentation.psycopg"):
@@ -78,23 +67,23 @@ def build_request(spans: int, services: int = 4, seed: int = 7) -> ExportTraceSe
                 span.start_time_unix_nano = start
                 span.end_time_unix_nano = start + rnd.randrange(10**9)
                 span.attributes.extend([
-                    _kv("http.request.method", "GET"),
-                    _kv("url.path", span.name),
-                    _kv("http.response.status_code", rnd.choice([200, 200, 200, 404, 500])),
-                    _kv("server.address", "shop.example.com"),
-                    _kv("network.protocol.version", "1.1"),
-                    _kv("user_agent.original", "Mozilla/5.0 (X11; Linux x86_64) Firefox/126.0"),
-                    _kv("client.address", f"10.0.{rnd.randrange(256)}.{rnd.randrange(256)}"),
-                    _kv("http.route.cached", rnd.random() < 0.5),
+                    kv("http.request.method", "GET"),
+                    kv("url.path", span.name),
+                    kv("http.response.status_code", rnd.choice([200, 200, 200, 404, 500])),
+                    kv("server.address", "shop.example.com"),
+                    kv("network.protocol.version", "1.1"),
+                    kv("user_agent.original", "Mozilla/5.0 (X11; Linux x86_64) Firefox/126.0"),
+                    kv("client.address", f"10.0.{rnd.randrange(256)}.{rnd.randrange(256)}"),
+                    kv("http.route.cached", rnd.random() < 0.5),
                 ])
                 if rnd.random() < 0.1:
                     event = span.events.add(time_unix_nano=start + 1000, name="exception")
-                    event.attributes.extend([_kv("exception.type", "ValueError"),
-                                             _kv("exception.message", "bad order id")])
+                    event.attributes.extend([kv("exception.type", "ValueError"),
+                                             kv("exception.message", "bad order id")])
                     span.status.code = Status.STATUS_CODE_ERROR
                 if rnd.random() < 0.05:
                     link = span.links.add(trace_id=rnd.randbytes(16), span_id=rnd.randbytes(8))
-                    link.attributes.append(_kv("link.kind", "follows_from"))
+                    link.attributes.append(kv("link.kind", "follows_from"))
             if made >= spans:
                 break
     return req

@@ -23,22 +23,11 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from agents.processors.filter import remove_indices
 from agents.telemetry import AgentMetrics
 from kotel.otlp import Signal
+from kotel.otlp.attributes import any_value
 from kotel.topology.processors import ResourceConfig
 
-# The hash action's digest. The Collector's attributes processor used SHA-1 for years and has since moved to
-# SHA-256; kotel keeps SHA-1, so hashes stay comparable with data hashed by older Collectors.
-HASH = hashlib.sha256  # the Collector's attributes processor hashes with SHA-256
-
-
-def any_value(value: str | int | float | bool) -> AnyValue:
-    """A configured value as the AnyValue of the same type (bool before int: True is an int in Python)."""
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return AnyValue(int_value=value)
-    if isinstance(value, float):
-        return AnyValue(double_value=value)
-    return AnyValue(string_value=value)
+# The hash action's digest: SHA-256, as the Collector's attributes processor uses today (SHA-1 before).
+HASH = hashlib.sha256
 
 
 def hash_value(value: AnyValue) -> None:

@@ -15,22 +15,14 @@ from dataclasses import dataclass
 from google.protobuf.message import Message
 
 from kotel.otlp.signals import Signal, metric_data_points
+from kotel.otlp.sizing import encode_varint
 
 _RESOURCE_TAG = b"\x0a"  # field 1, wire type 2, in all three request messages
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def frame(entry: bytes) -> bytes:
     """One serialized resource entry as it sits inside a request."""
-    return _RESOURCE_TAG + _varint(len(entry)) + entry
+    return _RESOURCE_TAG + encode_varint(len(entry)) + entry
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,27 +10,15 @@ import random
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import SeverityNumber
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from kotel.otlp.attributes import kv
+
 ROUTES = ["/api/orders", "/api/orders/{id}", "/api/cart", "/api/users/{id}/profile", "/api/search"]
 BASE_TIME = 1_718_000_000_000_000_000
-
-
-def kv(key: str, value: str | int | float | bool) -> KeyValue:
-    out = KeyValue(key=key)
-    if isinstance(value, bool):
-        out.value.bool_value = value
-    elif isinstance(value, int):
-        out.value.int_value = value
-    elif isinstance(value, float):
-        out.value.double_value = value
-    else:
-        out.value.string_value = value
-    return out
 
 
 def service_resource(resource: Resource, service: int, instance: int = 0, tenant: str | None = None) -> None:

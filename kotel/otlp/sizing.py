@@ -127,7 +127,7 @@ def _max_payload(part_size: Callable[[int], int], max_bytes: int) -> int:
     return low
 
 
-def _varint(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
     if n < 0x80:
         return bytes((n,))
     if n < 0x4000:
@@ -269,13 +269,13 @@ class _Splitter:
             length = p_end - p_start
             entry = _entry(length)
             if payload + entry <= limit:
-                chunks += (tag, _varint(length), buf[p_start:p_end])
+                chunks += (tag, encode_varint(length), buf[p_start:p_end])
                 payload += entry
                 continue
             if chunks:
                 groups.append((payload, chunks))
             if entry <= limit:
-                chunks, payload = [tag, _varint(length), buf[p_start:p_end]], entry
+                chunks, payload = [tag, encode_varint(length), buf[p_start:p_end]], entry
                 continue
             child_path = f"{path}.{json_field}[{i}]" if path else f"{json_field}[{i}]"
             if level.child is None:
@@ -285,14 +285,14 @@ class _Splitter:
                 )
             pieces = self.split(p_start, p_end, level.child, child_wrap, child_path)
             for n, piece in pieces[:-1]:
-                groups.append((_entry(n), [tag, _varint(n), *piece]))
+                groups.append((_entry(n), [tag, encode_varint(n), *piece]))
             n, piece = pieces[-1]
-            chunks, payload = [tag, _varint(n), *piece], _entry(n)
+            chunks, payload = [tag, encode_varint(n), *piece], _entry(n)
         if chunks or not groups:
             groups.append((payload, chunks))
 
         if level.nested:
             return [
-                (size(p), [*outer, holder_tag, _varint(shell_size + p), *shell, *c]) for p, c in groups
+                (size(p), [*outer, holder_tag, encode_varint(shell_size + p), *shell, *c]) for p, c in groups
             ]
         return [(size(p), [*shell, *c]) for p, c in groups]

@@ -15,20 +15,9 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from agents.telemetry import AgentMetrics
 from kotel.otlp import Signal
+from kotel.otlp.attributes import any_value
 
 Attrs = Mapping[str, Any]
-
-
-def any_value(value: Any) -> AnyValue:
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return AnyValue(int_value=value)
-    if isinstance(value, float):
-        return AnyValue(double_value=value)
-    if isinstance(value, bytes):
-        return AnyValue(bytes_value=value)
-    return AnyValue(string_value=value)
 
 
 def kvs(attrs: Attrs) -> list[KeyValue]:
