@@ -23,8 +23,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kotel {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for ep in sorted(entry_points(group="kotel.commands"), key=lambda e: e.name):
-        ep.load()(subparsers)
+        try:
+            register = ep.load()
+        except Exception as exc:  # one broken plugin must not take every other command down with it
+            _unavailable(subparsers, ep.name, f"{type(exc).__name__}: {exc}")
+            continue
+        register(subparsers)
     return parser
+
+
+def _unavailable(subparsers: argparse._SubParsersAction, name: str, reason: str) -> None:
+    parser = subparsers.add_parser(name, help=f"(unavailable: {reason})")
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def fail(_: argparse.Namespace) -> int:
+        print(f"kotel {name} is unavailable in this installation: {reason}", file=sys.stderr)
+        return 1
+
+    parser.set_defaults(func=fail)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
