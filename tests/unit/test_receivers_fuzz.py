@@ -248,7 +248,7 @@ async def _call(s: Servers, signal: Signal, body: bytes) -> grpc.StatusCode:
 
 
 @pytest.mark.asyncio(loop_scope="session")
-@settings(max_examples=600, deadline=None, database=None,
+@settings(max_examples=2000, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(payload=PAYLOADS, zipped=st.booleans(), damage=st.none() | st.integers(0, 10_000))
 async def test_servers_answer_every_payload_with_success_or_4xx(
