@@ -46,7 +46,8 @@ class AgentMetrics:
         self.processing_latency = Histogram(
             "kotel_agent_processing_seconds",
             "Agent-added time after decoding: admission and processors, up to the batcher, per request",
-            ["signal"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1),
+            ["signal"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075,
+                                 0.01, 0.015, 0.025, 0.05, 0.1),
             registry=r,
         )
         self.delivery_latency = Histogram(

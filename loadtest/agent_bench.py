@@ -1,7 +1,7 @@
 """Load a live agent and broker with the seed's edge pipeline and print what it sustained.
 
 Run: .venv/bin/python -m loadtest.agent_bench [--seconds 30] [--signal traces|metrics|logs|all]
-     [--concurrency 8] [--items 1024] [--bootstrap 127.0.0.1:9092]
+     [--concurrency 8] [--items 1024] [--rate REQ_PER_S] [--bootstrap 127.0.0.1:9092]
 Needs a running broker (`kotel kafka start`). Starts `kotel agent` as a child process with the seed §1.2
 pipeline (resource labels, the /health filter, 50 % probabilistic sampling, batch 1024), offers
 pre-encoded OTLP/gRPC requests as fast as the agent answers (closed loop, bounded concurrency), and
@@ -102,7 +102,10 @@ def _counter(text: str, name: str, signal: str) -> float:
 
 
 async def _drive(target: str, signal: Signal, payloads: list[tuple[bytes, int]], seconds: float,
-                 concurrency: int) -> tuple[int, int, list[float], int]:
+                 concurrency: int, rate: float = 0.0) -> tuple[int, int, list[float], int]:
+    """Closed loop (``concurrency`` senders, as fast as answered) or, with ``rate`` > 0, open loop:
+    requests leave on a fixed schedule and latency counts from the scheduled time, so a stalled agent
+    cannot hide behind a slowed-down sender."""
     method = signal.grpc_method
     async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
         call = ch.unary_unary(method, request_serializer=None, response_deserializer=None)
@@ -129,7 +132,32 @@ async def _drive(target: str, signal: Signal, payloads: list[tuple[bytes, int]],
                 latencies.append(time.perf_counter() - t0)
                 ok_items += items
 
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        async def one(body: bytes, items: int, scheduled: float) -> None:
+            nonlocal sent_items, ok_items, refused
+            sent_items += items
+            try:
+                await call(body, timeout=30)
+            except grpc.aio.AioRpcError:
+                refused += 1
+                return
+            latencies.append(time.perf_counter() - scheduled)
+            ok_items += items
+
+        if rate > 0:
+            start, tasks, i = time.perf_counter(), set(), 0
+            while time.perf_counter() - start < seconds:
+                scheduled = start + i / rate
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                body, items = payloads[i % len(payloads)]
+                task = asyncio.create_task(one(body, items, scheduled))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                i += 1
+            await asyncio.gather(*tasks)
+        else:
+            await asyncio.gather(*(worker(k) for k in range(concurrency)))
         return sent_items, ok_items, latencies, refused
 
 
@@ -178,7 +206,8 @@ def run(args: argparse.Namespace) -> dict:
             async def main(sig: Signal = signal, pl: list = payloads) -> tuple:
                 stop = asyncio.Event()
                 sampler = asyncio.create_task(sample_rss(stop))
-                out = await _drive(f"127.0.0.1:{grpc_port}", sig, pl, args.seconds, args.concurrency)
+                out = await _drive(f"127.0.0.1:{grpc_port}", sig, pl, args.seconds, args.concurrency,
+                                   args.rate)
                 stop.set()
                 await sampler
                 return out
@@ -221,6 +250,8 @@ def main() -> None:
     parser.add_argument("--signal", default="all", choices=["all", "traces", "metrics", "logs"])
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--items", type=int, default=1024, help="items per OTLP request")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="requests/s, open loop (default 0: closed loop at --concurrency)")
     args = parser.parse_args()
     results = run(args)
     machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
