@@ -3,10 +3,10 @@
 Use :class:`Publisher`; the other names are exported for tests and tools that inspect a spill.
 """
 
-from agents.publish.breaker import BreakerState, CircuitBreaker
 from agents.publish.producer import Publisher, producer_config
-from agents.publish.retry import Backoff
 from agents.publish.spill import Spill, SpillInUse, SpillRecord, read_part
+from kotel.resilience.breaker import BreakerState, CircuitBreaker
+from kotel.resilience.retry import Backoff
 
 __all__ = [
     "Backoff",

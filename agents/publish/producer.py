@@ -25,13 +25,13 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from google.protobuf.message import Message as ProtoMessage
 
 from agents.contracts import InvalidRequest, Unavailable
-from agents.publish.breaker import BreakerState, CircuitBreaker
 from agents.publish.replay import Replayer
 from agents.publish.spill import Spill, SpillRecord
 from agents.telemetry import AgentMetrics
 from kotel.kafka.settings import KafkaSettings
 from kotel.kafka.topics import TopicNames
 from kotel.otlp import OtlpSizeError, Signal, split_wire
+from kotel.resilience.breaker import BreakerState, CircuitBreaker
 from kotel.topology.exporters import FileExporterConfig, KafkaExporterConfig
 
 log = logging.getLogger(__name__)

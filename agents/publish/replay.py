@@ -29,10 +29,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from agents.publish.breaker import CircuitBreaker
-from agents.publish.retry import Backoff
 from agents.publish.spill import Spill, SpillRecord
 from agents.telemetry import AgentMetrics
+from kotel.resilience.breaker import CircuitBreaker
+from kotel.resilience.retry import Backoff
 from kotel.topology.exporters import RetryConfig
 
 log = logging.getLogger(__name__)

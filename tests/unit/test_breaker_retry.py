@@ -8,8 +8,8 @@ from datetime import timedelta
 
 import pytest
 
-from agents.publish.breaker import BreakerState, CircuitBreaker
-from agents.publish.retry import Backoff
+from kotel.resilience.breaker import BreakerState, CircuitBreaker
+from kotel.resilience.retry import Backoff
 from kotel.topology.exporters import CircuitBreakerConfig, RetryConfig
 
 

@@ -22,10 +22,10 @@ import pytest
 
 from agents.contracts import Unavailable
 from agents.publish import Publisher, Spill, SpillInUse, SpillRecord, read_part
-from agents.publish.breaker import BreakerState, CircuitBreaker
 from agents.publish.replay import Replayer
 from agents.telemetry import AgentMetrics
 from kotel.kafka.settings import KafkaSettings
+from kotel.resilience.breaker import BreakerState, CircuitBreaker
 from kotel.topology.exporters import (
     CircuitBreakerConfig,
     FileExporterConfig,
