@@ -13,12 +13,12 @@ import logging
 import signal
 from pathlib import Path
 
-from agents.admin_http import AdminServer
 from agents.admission import Admission
 from agents.pipelines import AgentConfigError, AgentHandler, PipelineSet, agent_id
 from agents.publish import Publisher
 from agents.receivers import GrpcReceiver, HttpReceiver, build_receivers
 from agents.telemetry import AgentMetrics
+from kotel.admin_http import AdminServer
 from kotel.topology import Topology, TopologyError, load_topology
 from kotel.topology.base import component_type
 from kotel.topology.exporters import FileExporterConfig
@@ -66,7 +66,7 @@ class Agent:
         self.pipelines = PipelineSet(self.topology, self.publishers, self.metrics)
         admission = self._admission(self.topology, self.pipelines)
         self.handler = AgentHandler(self.pipelines, admission, self.metrics, self.topology.tenancy.attribute)
-        self.admin = AdminServer(agent.metrics_endpoint, self.metrics, self._readiness)
+        self.admin = AdminServer(agent.metrics_endpoint, self.metrics.registry, self._readiness)
         await self.admin.start()
         self.receivers = self._build_receivers(self.topology)
         for receiver in self.receivers:

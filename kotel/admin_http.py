@@ -1,20 +1,20 @@
-"""The agent's own endpoints: Prometheus ``/metrics``, ``/healthz`` (alive) and ``/readyz`` (serving)."""
+"""A kotel process's own endpoints: Prometheus ``/metrics``, ``/healthz`` (alive), ``/readyz`` (serving)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from agents.telemetry import AgentMetrics
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 
 class AdminServer:
-    def __init__(self, endpoint: str, metrics: AgentMetrics, ready: Callable[[], tuple[bool, str]]) -> None:
+    def __init__(
+        self, endpoint: str, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]
+    ) -> None:
         host, _, port = endpoint.rpartition(":")
         self.host, self.port = host, int(port)
-        self._metrics = metrics
+        self._registry = registry
         self._ready = ready
         self._runner: web.AppRunner | None = None
 
@@ -35,7 +35,7 @@ class AdminServer:
             await self._runner.cleanup()
 
     async def _serve_metrics(self, _: web.Request) -> web.Response:
-        body = generate_latest(self._metrics.registry)
+        body = generate_latest(self._registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, _: web.Request) -> web.Response:

@@ -1,0 +1,30 @@
+"""Which deliverer serves which exporter type of the gateway section."""
+
+from __future__ import annotations
+
+from kotel.topology import Topology
+from kotel.topology.base import component_type
+from kotel.topology.exporters import FileExporterConfig
+from streams.sinks.runtime import Deliverer
+
+
+class SinkConfigError(ValueError):
+    pass
+
+
+def build_deliverer(topology: Topology, name: str) -> Deliverer:
+    exporters = topology.gateway.exporters if topology.gateway else {}
+    if name not in exporters:
+        defined = ", ".join(sorted(exporters)) or "none"
+        raise SinkConfigError(f"sink {name!r} is not an exporter of the gateway section (defined: {defined})")
+    config = exporters[name]
+    kind = component_type(name)
+    if kind == "file" and isinstance(config, FileExporterConfig):
+        if config.format != "parquet":
+            raise SinkConfigError(f"sink {name!r}: the archive writes Parquet; format {config.format!r} "
+                                  "is not supported")
+        from streams.sinks.archive import ParquetArchive
+
+        return ParquetArchive(name, config)
+    raise SinkConfigError(f"sink {name!r}: exporter type {kind!r} has no sink in this version of kotel "
+                          "(available: file)")

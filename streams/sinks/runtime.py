@@ -1,0 +1,259 @@
+"""The shape every sink shares: consume tenant topics, deliver, commit only what the backend accepted.
+
+A sink is a consumer group per exporter. Records are delivered in batches; each record comes back
+OK, RETRY or PERMANENT. Permanent failures go to the dead-letter topic with the reason (and count as
+handled); retryable ones are retried with backoff, and when the circuit breaker opens the sink pauses
+its partitions — Kafka keeps the backlog, the sink's memory does not grow — and probes again after
+``open_duration``. Offsets are committed synchronously after a batch is fully handled, never before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kotel.kafka.deadletter import dead_letter_headers
+from kotel.kafka.topics import TopicNames
+from kotel.resilience import Backoff, CircuitBreaker
+from kotel.topology import Topology
+from kotel.topology.exporters import CircuitBreakerConfig, RetryConfig
+
+log = logging.getLogger("kotel.sink")
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    RETRY = "retry"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    outcome: Outcome
+    reason: str = ""
+    retry_after: float = 0.0
+
+
+OK = Result(Outcome.OK)
+
+
+@dataclass(frozen=True, slots=True)
+class SinkRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+    tenant: str
+    signal: str
+    timestamp_ms: int
+
+
+class Deliverer(Protocol):
+    """A backend: ``deliver`` answers one Result per record, in order."""
+
+    name: str
+    signals: tuple[str, ...]
+
+    async def deliver(self, records: Sequence[SinkRecord]) -> list[Result]: ...
+
+    async def close(self) -> None: ...
+
+
+class SinkMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        self.exported = Counter("kotel_sink_exported_records", "Records the backend accepted",
+                                ["sink", "tenant", "signal"], registry=r)
+        self.retried = Counter("kotel_sink_retried_records", "Record deliveries retried", ["sink", "reason"],
+                               registry=r)
+        self.dead_lettered = Counter("kotel_sink_dead_lettered_records", "Records refused for good",
+                                     ["sink", "reason"], registry=r)
+        self.lag = Gauge("kotel_sink_consumer_lag", "Records behind the end of the partition",
+                         ["sink", "topic", "partition"], registry=r)
+        self.paused = Gauge("kotel_sink_paused", "1 while the breaker holds the partitions paused", ["sink"],
+                            registry=r)
+        self.latency = Histogram("kotel_sink_delivery_seconds", "One deliver() call", ["sink"], registry=r)
+
+
+def sink_topics(topology: Topology, sink: str, signals: Sequence[str]) -> list[str]:
+    """The tenant topics routed to ``sink`` (and the unrouted ones when it is a default exporter)."""
+    names = TopicNames(topology.topics.prefix)
+    routing = topology.gateway.routing if topology.gateway else None
+    if routing is None:
+        return []
+    topics = [
+        names.tenant(route.value, s) for route in routing.table if sink in route.exporters for s in signals
+    ]
+    if sink in routing.default_exporters:
+        topics += [names.unrouted(s) for s in signals]
+    return topics
+
+
+def _tenant_of(topic: str, headers: dict[str, bytes], prefix: str) -> str:
+    if "kotel.tenant" in headers:
+        return headers["kotel.tenant"].decode(errors="replace")
+    parts = topic.removeprefix(prefix + ".").split(".")
+    return ".".join(parts[1:-1]) if parts[0] == "tenant" else ""
+
+
+@dataclass
+class _Batch:
+    records: list[SinkRecord] = field(default_factory=list)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+class SinkRunner:
+    def __init__(self, topology: Topology, deliverer: Deliverer, *, metrics: SinkMetrics | None = None,
+                 retry: RetryConfig | None = None, breaker: CircuitBreakerConfig | None = None,
+                 group_id: str | None = None, max_batch: int = 500, poll_timeout: float = 0.5) -> None:
+        self.topology = topology
+        self.deliverer = deliverer
+        self.metrics = metrics or SinkMetrics()
+        self.name = deliverer.name
+        self.topics = sink_topics(topology, deliverer.name, deliverer.signals)
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in deliverer.name)
+        self.group_id = group_id or f"kotel-{topology.topics.prefix}-sink-{safe}"
+        base = topology.kafka.librdkafka_config()
+        self.consumer = Consumer({**base, "group.id": self.group_id, "enable.auto.commit": False,
+                                  "auto.offset.reset": "earliest", "enable.partition.eof": False})
+        self.dlq = Producer({**base, "enable.idempotence": True, "acks": "all"})
+        self.dlq_topic = TopicNames(topology.topics.prefix).deadletter
+        retry = retry or RetryConfig(max_elapsed_time="0s")  # a sink never gives up on a retryable record
+        self.backoff = Backoff(retry)
+        self.breaker = CircuitBreaker(breaker or CircuitBreakerConfig(), on_change=self._breaker_changed)
+        self.max_batch, self.poll_timeout = max_batch, poll_timeout
+        self._last_lag = 0.0
+
+    def _breaker_changed(self, state: object) -> None:
+        log.info("sink %s: circuit breaker %s", self.name, getattr(state, "value", state))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if not self.topics:
+            raise ValueError(f"no tenant is routed to sink {self.name!r} (check gateway.processors.routing)")
+        self.consumer.subscribe(self.topics)
+        log.info("sink %s consuming %s as group %s", self.name, ", ".join(self.topics), self.group_id)
+        try:
+            while not stop.is_set():
+                batch = await asyncio.to_thread(self._poll)
+                if batch.records:
+                    if not await self._handle(batch, stop):
+                        break  # stopped while retrying: nothing of this batch is committed
+                    await asyncio.to_thread(self._commit, batch)
+                if time.monotonic() - self._last_lag > 5:
+                    await asyncio.to_thread(self._update_lag)
+        finally:
+            await asyncio.to_thread(self._close)
+
+    def _poll(self) -> _Batch:
+        batch = _Batch()
+        prefix = self.topology.topics.prefix
+        for msg in self.consumer.consume(self.max_batch, self.poll_timeout):
+            if msg.error():
+                if msg.error().code() != KafkaError._PARTITION_EOF:
+                    log.warning("sink %s: consumer error %s", self.name, msg.error())
+                continue
+            headers = tuple(msg.headers() or ())
+            hdict = dict(headers)
+            topic = msg.topic()
+            signal = hdict.get("kotel.signal", topic.rsplit(".", 1)[-1].encode()).decode()
+            batch.records.append(SinkRecord(
+                topic, msg.partition(), msg.offset(), msg.key(), msg.value() or b"", headers,
+                _tenant_of(topic, hdict, prefix), signal, msg.timestamp()[1],
+            ))
+            batch.offsets[(topic, msg.partition())] = msg.offset() + 1
+        return batch
+
+    async def _handle(self, batch: _Batch, stop: asyncio.Event) -> bool:
+        """Deliver until every record is accepted or dead-lettered; False when stopped before that."""
+        pending = batch.records
+        while pending and not stop.is_set():
+            if not self.breaker.allow():
+                await self._paused_wait(stop)
+                continue
+            started = time.perf_counter()
+            try:
+                results = await self.deliverer.deliver(pending)
+            except Exception as exc:  # a deliverer bug or a network error it did not classify: retry
+                log.warning("sink %s: delivery failed: %s", self.name, exc)
+                results = [Result(Outcome.RETRY, f"error: {type(exc).__name__}")] * len(pending)
+            self.metrics.latency.labels(self.name).observe(time.perf_counter() - started)
+            retry = []
+            for record, result in zip(pending, results, strict=True):
+                if result.outcome is Outcome.OK:
+                    self.metrics.exported.labels(self.name, record.tenant, record.signal).inc()
+                elif result.outcome is Outcome.PERMANENT:
+                    await asyncio.to_thread(self._dead_letter, record, result.reason)
+                else:
+                    self.metrics.retried.labels(self.name, result.reason or "retry").inc()
+                    retry.append((record, result))
+            if not retry:
+                self.breaker.record_success()
+                self.backoff.reset()
+                return True
+            self.breaker.record_failure()
+            pending = [r for r, _ in retry]
+            hint = max(res.retry_after for _, res in retry)
+            delay = max(hint, next(self.backoff, 30.0))
+            await self._sleep_polling(delay, stop)
+        return not pending
+
+    async def _paused_wait(self, stop: asyncio.Event) -> None:
+        assignment = await asyncio.to_thread(self.consumer.assignment)
+        await asyncio.to_thread(self.consumer.pause, assignment)
+        self.metrics.paused.labels(self.name).set(1)
+        try:
+            await self._sleep_polling(max(self.breaker.retry_in(), 0.1), stop)
+        finally:
+            await asyncio.to_thread(self.consumer.resume, assignment)
+            self.metrics.paused.labels(self.name).set(0)
+
+    async def _sleep_polling(self, seconds: float, stop: asyncio.Event) -> None:
+        """Wait without leaving the group: poll paused partitions (nothing is fetched) to stay alive."""
+        deadline = time.monotonic() + seconds
+        while not stop.is_set() and time.monotonic() < deadline:
+            assignment = await asyncio.to_thread(self.consumer.assignment)
+            await asyncio.to_thread(self.consumer.pause, assignment)
+            await asyncio.to_thread(self.consumer.consume, 1, min(0.5, max(0.0, deadline - time.monotonic())))
+            await asyncio.to_thread(self.consumer.resume, assignment)
+
+    def _dead_letter(self, record: SinkRecord, reason: str) -> None:
+        headers = dead_letter_headers(f"{self.name}: {reason}", record.topic, record.partition, record.offset,
+                                      record.headers)
+        self.dlq.produce(self.dlq_topic, record.value, record.key, headers=headers)
+        if self.dlq.flush(30) != 0:
+            raise RuntimeError(f"dead-letter topic {self.dlq_topic} did not acknowledge within 30 s")
+        self.metrics.dead_lettered.labels(self.name, reason.split(":")[0][:60]).inc()
+
+    def _commit(self, batch: _Batch) -> None:
+        offsets = [TopicPartition(t, p, o) for (t, p), o in batch.offsets.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except Exception as exc:  # a rebalance took the partition: its new owner redelivers (at-least-once)
+            log.warning("sink %s: commit failed (%s); records will be delivered again", self.name, exc)
+
+    def _update_lag(self) -> None:
+        self._last_lag = time.monotonic()
+        for tp in self.consumer.assignment():
+            try:
+                low, high = self.consumer.get_watermark_offsets(tp, timeout=2, cached=False)
+                position = self.consumer.position([tp])[0].offset
+            except Exception:
+                continue
+            behind = high - (position if position >= 0 else low)
+            self.metrics.lag.labels(self.name, tp.topic, str(tp.partition)).set(max(0, behind))
+
+    def _close(self) -> None:
+        try:
+            self.consumer.close()
+        finally:
+            self.dlq.flush(10)
