@@ -1,0 +1,145 @@
+"""`kotel up`: the whole local pipeline as supervised child processes.
+
+Children are ``kotel`` subcommands started as processes (the core never imports agents or streams):
+the agent, each stage worker and each sink the topology names. Their output is prefixed on the
+terminal and written to ``$KOTEL_HOME/logs/<name>.log``. A child that dies is restarted with
+exponential backoff (1 s doubling to 30 s, reset after a minute of uptime), unless it exited with 2,
+the CLI's code for a configuration it refuses. Ctrl-C stops them in
+data-flow order — the agent first (it answers in-flight exports and flushes), then the stages, then
+the sinks — so everything acknowledged moves on before its consumer stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kotel.paths import logs_dir
+from kotel.topology import Topology
+from kotel.topology.base import component_type
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    what: str
+    restarts: int = 0
+    process: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    log_file: Path = field(default_factory=Path)
+
+
+def plan_children(topology: Topology, topology_file: str, available: dict[str, set[str]]) -> tuple[
+        list[Child], list[str]]:
+    """The processes this topology needs, in start order, and what was skipped (with why).
+
+    ``available`` maps a subcommand to its accepted first arguments (empty set: any), as the installed
+    CLI reports them, so a topology can name stages that this version of kotel does not have yet.
+    """
+    run = [sys.executable, "-m", "kotel.cli"]
+    children: list[Child] = []
+    skipped: list[str] = []
+
+    def add(name: str, args: list[str], what: str) -> None:
+        command, first = args[0], args[1] if len(args) > 1 else ""
+        if command not in available or (available[command] and first not in available[command]):
+            skipped.append(f"{name}: `kotel {' '.join(args[:2])}` is not available in this version")
+            return
+        children.append(Child(name, [*run, *args, "--topology", topology_file], what))
+
+    gateway = topology.gateway
+    if gateway is not None:
+        add("dedup", ["worker", "dedup"], "raw -> deduped topics (windowed dedup in RocksDB)")
+        if gateway.tail_sampling is not None:
+            add("tail", ["worker", "tail"], "deduped traces -> sampled traces (tail sampling)")
+        if gateway.routing is not None:
+            add("route", ["worker", "route"], "-> per-tenant topics")
+            routing = gateway.routing
+            used = {e for r in routing.table for e in r.exporters} | set(routing.default_exporters)
+            for exporter in sorted(used):
+                kind = component_type(exporter)
+                add(f"sink-{exporter.replace('/', '-')}", ["sink", exporter],
+                    f"tenant topics -> {kind} ({exporter})")
+    if topology.agent is not None:
+        add("agent", ["agent"], "OTLP in (gRPC/HTTP) -> raw topics")
+    return children, skipped
+
+
+STOP_ORDER = ("agent", "dedup", "tail", "route")
+
+
+class Supervisor:
+    def __init__(self, children: list[Child], *, grace: float = 30.0) -> None:
+        self.children = children
+        self.grace = grace
+        self._stopping = False
+        logs_dir().mkdir(parents=True, exist_ok=True)
+        for child in children:
+            child.log_file = logs_dir() / f"{child.name}.log"
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        tasks = [asyncio.create_task(self._keep(child)) for child in self.children]
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        self._stopping = True
+        print("kotel up: stopping (agent first, then stages, then sinks)", flush=True)
+        order = sorted(self.children, key=lambda c: STOP_ORDER.index(c.name) if c.name in STOP_ORDER else 99)
+        for child in order:
+            await self._stop(child)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _keep(self, child: Child) -> None:
+        delay = 1.0
+        while not self._stopping:
+            with child.log_file.open("ab") as log:
+                child.process = await asyncio.create_subprocess_exec(
+                    *child.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True)
+                child.started_at = time.monotonic()
+                assert child.process.stdout is not None
+                async for line in child.process.stdout:
+                    log.write(line)
+                    log.flush()
+                    print(f"[{child.name}] {line.decode(errors='replace').rstrip()}", flush=True)
+                code = await child.process.wait()
+            if self._stopping:
+                return
+            if code == 2:  # the child refused its configuration: restarting cannot help
+                print(f"kotel up: {child.name} refused its configuration (exit 2); not restarting it, "
+                      f"see {child.log_file}", flush=True)
+                return
+            if time.monotonic() - child.started_at > 60:
+                delay = 1.0
+            child.restarts += 1
+            print(f"kotel up: {child.name} exited with {code}; restart {child.restarts} in {delay:.0f} s",
+                  flush=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _stop(self, child: Child) -> None:
+        process = child.process
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), self.grace)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+        print(f"kotel up: {child.name} stopped ({process.returncode})", flush=True)
