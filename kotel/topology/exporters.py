@@ -115,13 +115,19 @@ class HttpClientBase(Model):
 # --- exporters -------------------------------------------------------------------------------------
 
 
+SignalName = Literal["traces", "metrics", "logs"]
+
+
 class OtlpExporterConfig(HttpClientBase):
     """OTLP/gRPC (Tempo, Jaeger, another Collector)."""
 
     balancer_name: Literal["pick_first", "round_robin"] = "round_robin"
+    # kotel: as a gateway sink, which tenant topics it delivers (Tempo takes traces only).
+    signals: list[SignalName] = ["traces"]
 
 
 class OtlpHttpExporterConfig(HttpClientBase):
+    signals: list[SignalName] = ["traces"]
     traces_endpoint: str | None = None
     metrics_endpoint: str | None = None
     logs_endpoint: str | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kotel.topology import Topology
 from kotel.topology.base import component_type
-from kotel.topology.exporters import FileExporterConfig
+from kotel.topology.exporters import FileExporterConfig, OtlpExporterConfig, OtlpHttpExporterConfig
 from streams.sinks.runtime import Deliverer
 
 
@@ -26,5 +26,9 @@ def build_deliverer(topology: Topology, name: str) -> Deliverer:
         from streams.sinks.archive import ParquetArchive
 
         return ParquetArchive(name, config)
+    if isinstance(config, OtlpExporterConfig | OtlpHttpExporterConfig):
+        from streams.sinks.otlp_sink import OtlpDeliverer
+
+        return OtlpDeliverer(name, config, tuple(config.signals))
     raise SinkConfigError(f"sink {name!r}: exporter type {kind!r} has no sink in this version of kotel "
-                          "(available: file)")
+                          "(available: file, otlp, otlphttp)")
