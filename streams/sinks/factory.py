@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from kotel.topology import Topology
 from kotel.topology.base import component_type
-from kotel.topology.exporters import FileExporterConfig, OtlpExporterConfig, OtlpHttpExporterConfig
+from kotel.topology.exporters import (
+    FileExporterConfig,
+    LokiExporterConfig,
+    OtlpExporterConfig,
+    OtlpHttpExporterConfig,
+    PrometheusRemoteWriteConfig,
+)
 from streams.sinks.runtime import Deliverer
 
 
@@ -30,5 +36,12 @@ def build_deliverer(topology: Topology, name: str) -> Deliverer:
         from streams.sinks.otlp_sink import OtlpDeliverer
 
         return OtlpDeliverer(name, config, tuple(config.signals))
-    raise SinkConfigError(f"sink {name!r}: exporter type {kind!r} has no sink in this version of kotel "
-                          "(available: file, otlp, otlphttp)")
+    if isinstance(config, PrometheusRemoteWriteConfig):
+        from streams.sinks.http_sinks import PrometheusDeliverer
+
+        return PrometheusDeliverer(name, config)
+    if isinstance(config, LokiExporterConfig):
+        from streams.sinks.http_sinks import LokiDeliverer
+
+        return LokiDeliverer(name, config)
+    raise SinkConfigError(f"sink {name!r}: exporter type {kind!r} has no sink in this version of kotel")
