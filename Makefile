@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TOPOLOGY ?= topologies/dev.yaml
 
-.PHONY: install up down status test lint clean
+.PHONY: install up down status test servers lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +29,16 @@ status:
 lint: install
 	$(BIN)/ruff check .
 
-test: install
+test: install servers
 	$(BIN)/kotel kafka fetch
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -ra
+
+# Real backends for the sink tests: Prometheus from Debian, Jaeger v2 and VictoriaLogs built with Go
+# (cached under $(KOTEL_CACHE) or .kotel/cache; the first Go build takes minutes, later runs seconds).
+servers: install
+	command -v prometheus >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus; }
+	$(BIN)/python -m tests.servers.build
 
 clean: down
 	rm -rf .kotel
