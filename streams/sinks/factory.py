@@ -18,8 +18,28 @@ class SinkConfigError(ValueError):
     pass
 
 
+# `kotel sink tempo|prometheus|loki|archive`: the backend's name stands for its exporter type.
+ALIASES = {"tempo": ("otlp", "otlphttp"), "prometheus": ("prometheusremotewrite",), "loki": ("loki",),
+           "archive": ("file",), "parquet": ("file",)}
+
+
+def resolve_name(topology: Topology, name: str) -> str:
+    """An exporter name, or a backend alias that matches exactly one exporter of the gateway section."""
+    exporters = topology.gateway.exporters if topology.gateway else {}
+    if name in exporters or name not in ALIASES:
+        return name
+    matches = sorted(e for e in exporters if component_type(e) in ALIASES[name])
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise SinkConfigError(f"sink {name!r}: no exporter of type {' or '.join(ALIASES[name])} in the "
+                              f"gateway section (defined: {', '.join(sorted(exporters)) or 'none'})")
+    raise SinkConfigError(f"sink {name!r} is ambiguous: name one of {', '.join(matches)}")
+
+
 def build_deliverer(topology: Topology, name: str) -> Deliverer:
     exporters = topology.gateway.exporters if topology.gateway else {}
+    name = resolve_name(topology, name)
     if name not in exporters:
         defined = ", ".join(sorted(exporters)) or "none"
         raise SinkConfigError(f"sink {name!r} is not an exporter of the gateway section (defined: {defined})")

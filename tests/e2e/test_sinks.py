@@ -263,3 +263,99 @@ async def test_logs_reach_victorialogs_through_the_loki_push_api(
     assert sorted(f["_msg"] for f in found) == [f"{marker} payment failed {k}" for k in range(3)]
     assert found[0]["service_name"] == "checkout" and found[0]["level"] == "error"
     assert victorialogs_server.query(marker, account_id=0) == []
+
+
+def _trace(trace_id: bytes, names: list[str]) -> bytes:
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    rs.resource.attributes.extend([kv("service.name", "checkout"), kv("tenant", "tenant-a")])
+    now = time.time_ns()
+    for k, name in enumerate(names):
+        rs.scope_spans.add().spans.add(
+            trace_id=trace_id,
+            span_id=(k + 1).to_bytes(8, "big"),
+            name=name,
+            start_time_unix_nano=now,
+            end_time_unix_nano=now + 10**6,
+        )
+    return req.SerializeToString()
+
+
+async def test_traces_reach_jaeger_over_otlp_http(kafka_bootstrap: str, jaeger_server) -> None:
+    trace_id = uuid.uuid4().bytes
+    topology = _topology(kafka_bootstrap, "otlphttp/tempo", f'{{endpoint: "{jaeger_server.otlp_http_url}"}}')
+    _produce(topology, "traces", [_trace(trace_id, ["a"]), _trace(trace_id, ["b"])])
+    runner = SinkRunner(topology, build_deliverer(topology, "tempo"))
+    await _run(runner, lambda: _committed(runner) == 2 and len(jaeger_server.spans(trace_id.hex())) == 2)
+
+
+async def test_the_otlp_sink_names_the_tenant_in_x_scope_orgid(kafka_bootstrap: str) -> None:
+    # Jaeger ignores tenants, so a recording receiver complements it for the header alone.
+    from aiohttp import web
+
+    seen: list[str] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("X-Scope-OrgID", ""))
+        await request.read()
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", receive)
+    runner_web = web.AppRunner(app)
+    await runner_web.setup()
+    site = web.TCPSite(runner_web, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        topology = _topology(
+            kafka_bootstrap,
+            "otlphttp/tempo",
+            f'{{endpoint: "http://127.0.0.1:{port}", tenant_header: {{values: {{tenant-a: team-1}}}}}}',
+        )
+        _produce(topology, "traces", [_trace(uuid.uuid4().bytes, ["x"])])
+        runner = SinkRunner(topology, build_deliverer(topology, "tempo"))
+        await _run(runner, lambda: _committed(runner) == 1)
+    finally:
+        await runner_web.cleanup()
+    assert seen == ["team-1"]
+
+
+async def test_loki_outage_commits_nothing_until_the_server_is_back(
+    kafka_bootstrap: str, victorialogs_server
+) -> None:
+    marker = uuid.uuid4().hex
+    req = ExportLogsServiceRequest()
+    rl = req.resource_logs.add()
+    rl.resource.attributes.extend([kv("service.name", "checkout"), kv("tenant", "tenant-a")])
+    rl.scope_logs.add().log_records.add(time_unix_nano=time.time_ns()).body.string_value = marker
+    topology = _topology(
+        kafka_bootstrap,
+        "loki",
+        f'{{endpoint: "{victorialogs_server.loki_push_url}", tenant_header: {{values: {{tenant-a: "9"}}}}}}',
+    )
+    _produce(topology, "logs", [req.SerializeToString()])
+    runner = SinkRunner(topology, build_deliverer(topology, "loki"))
+    from kotel.topology.exporters import RetryConfig
+
+    runner.backoff = type(runner.backoff)(
+        RetryConfig(initial_interval="200ms", max_interval="1s", max_elapsed_time="0s")
+    )
+    victorialogs_server.stop()
+    while_down: list[int] = []
+    try:
+
+        def done() -> bool:
+            if victorialogs_server.running:
+                return _committed(runner) == 1
+            while_down.append(_committed(runner))
+            if len(while_down) >= 8:
+                victorialogs_server.start()
+            return False
+
+        await _run(runner, done, timeout=120)
+    finally:
+        if not victorialogs_server.running:
+            victorialogs_server.start()
+    assert set(while_down) == {0}
+    assert [f["_msg"] for f in victorialogs_server.query(marker, account_id=9)] == [marker]

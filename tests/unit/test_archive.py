@@ -33,3 +33,26 @@ def test_prune_removes_date_partitions_older_than_max_days(tmp_path: Path) -> No
         "date=2026-11-20",
         "date=2026-11-26",
     ]
+
+
+def test_sink_aliases_resolve_to_the_one_exporter_of_their_type() -> None:
+    import pytest
+
+    from kotel.topology import load_topology
+    from streams.sinks.factory import SinkConfigError, build_deliverer, resolve_name
+
+    root = Path(__file__).resolve().parents[2]
+    compose = load_topology(root / "topologies" / "compose.yaml")
+    assert resolve_name(compose, "tempo") == "otlp/tempo"
+    assert resolve_name(compose, "prometheus") == "prometheusremotewrite"
+    assert resolve_name(compose, "archive") == "file/archive"
+    gateway = load_topology(root / "topologies" / "seed-gateway.yaml")
+    with pytest.raises(
+        SinkConfigError, match=r"sink 'tempo' is ambiguous: name one of otlp/tenant-a, otlp/tenant-b"
+    ):
+        resolve_name(gateway, "tempo")
+    with pytest.raises(SinkConfigError) as info:
+        build_deliverer(gateway, "loki")
+    assert str(info.value) == (
+        "sink 'loki': no exporter of type loki in the gateway section (defined: otlp/tenant-a, otlp/tenant-b)"
+    )
