@@ -1,7 +1,7 @@
 """The Prometheus remote-write and Loki push sinks: translate per tenant, POST, classify the answer.
 
-Both are stateless HTTP posts except for Prometheus' delta accumulator; so a retried batch re-sends the
-bytes encoded the first time instead of translating again (which would add its deltas twice).
+Both are stateless HTTP posts except for Prometheus' delta accumulator; so a retried record re-sends
+what it was translated to the first time instead of translating again (which would add deltas twice).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import abc
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
 
 import aiohttp
 
@@ -30,8 +32,20 @@ Encoded = tuple[bytes, dict[str, str]]
 _OUTCOMES = {"ok": Outcome.OK, "retry": Outcome.RETRY, "permanent": Outcome.PERMANENT}
 
 
+_SEVERITY = {Outcome.OK: 0, Outcome.RETRY: 1, Outcome.PERMANENT: 2}
+
+
+def _worse(a: Result, b: Result) -> Result:
+    return a if _SEVERITY[a.outcome] >= _SEVERITY[b.outcome] else b
+
+
 class _HttpSink(abc.ABC):
+    """Records are translated once each (cached until they are done), then packed into requests of
+    at most ``max_units`` (series or log entries), as Prometheus' own remote write sends at most a few
+    thousand samples a request. A record's result is the worst of the requests that carried it."""
+
     signal: Signal
+    max_units = 5000
 
     def __init__(self, name: str, config: HttpClientBase, classify: Callable[[int, str], str]) -> None:
         self.name = name
@@ -39,7 +53,7 @@ class _HttpSink(abc.ABC):
         self.signals = (self.signal.value,)
         self._classify = classify
         self._session: aiohttp.ClientSession | None = None
-        self._encoded: dict[tuple[tuple[str, int, int], ...], Encoded | None] = {}
+        self._translated: dict[tuple[str, int, int], list[Any]] = {}
 
     def _tenant_headers(self, tenant: str) -> dict[str, str]:
         out = {k: v.get_secret_value() for k, v in self.config.headers.items()}
@@ -49,33 +63,58 @@ class _HttpSink(abc.ABC):
         return out
 
     @abc.abstractmethod
-    def encode(self, requests: list) -> Encoded | None:
-        """The request body and headers for these OTLP requests, or None when nothing is left to send."""
+    def translate(self, request: Any) -> list[Any]:
+        """The units (series, log streams) of one OTLP request, each weighing at most max_units."""
+
+    @abc.abstractmethod
+    def weight(self, unit: Any) -> int: ...
+
+    @abc.abstractmethod
+    def encode(self, units: list[Any]) -> Encoded:
+        """The request body and headers for these units."""
 
     async def deliver(self, records: Sequence[SinkRecord]) -> list[Result]:
         results: list[Result] = [OK] * len(records)
         groups: dict[str, list[int]] = defaultdict(list)
         for i, record in enumerate(records):
-            try:
-                decode_protobuf(self.signal, record.value)
-            except OtlpDecodeError as exc:
-                results[i] = Result(Outcome.PERMANENT, f"invalid OTLP: {exc}"[:200])
-                continue
+            key = (record.topic, record.partition, record.offset)
+            if key not in self._translated:
+                try:
+                    request = decode_protobuf(self.signal, record.value)
+                except OtlpDecodeError as exc:
+                    results[i] = Result(Outcome.PERMANENT, f"invalid OTLP: {exc}"[:200])
+                    continue
+                self._translated[key] = self.translate(request)
             groups[record.tenant].append(i)
         for tenant, indexes in groups.items():
-            result = await self._send(tenant, [records[i] for i in indexes])
-            for i in indexes:
-                results[i] = result
+            for body_units, owners in self._pack([self._translated[_key(records[i])] for i in indexes]):
+                result = await self._post(tenant, self.encode(body_units))
+                for owner in owners:
+                    results[indexes[owner]] = _worse(results[indexes[owner]], result)
+        for record, result in zip(records, results, strict=True):
+            if result.outcome is not Outcome.RETRY:
+                self._translated.pop(_key(record), None)  # retried records keep their translation
         return results
 
-    async def _send(self, tenant: str, records: list[SinkRecord]) -> Result:
-        key = tuple((r.topic, r.partition, r.offset) for r in records)
-        if key not in self._encoded:
-            self._encoded[key] = self.encode([decode_protobuf(self.signal, r.value) for r in records])
-        encoded = self._encoded[key]
-        if encoded is None:  # nothing to send (for example only dropped delta points)
-            self._encoded.pop(key, None)
-            return OK
+    def _pack(self, per_record: list[list[Any]]) -> list[tuple[list[Any], set[int]]]:
+        bodies: list[tuple[list[Any], set[int]]] = []
+        units: list[Any] = []
+        owners: set[int] = set()
+        weight = 0
+        for owner, record_units in enumerate(per_record):
+            for unit in record_units:
+                w = self.weight(unit)
+                if units and weight + w > self.max_units:
+                    bodies.append((units, owners))
+                    units, owners, weight = [], set(), 0
+                units.append(unit)
+                owners.add(owner)
+                weight += w
+        if units:
+            bodies.append((units, owners))
+        return bodies
+
+    async def _post(self, tenant: str, encoded: Encoded) -> Result:
         body, headers = encoded
         if self._session is None:
             self._session = aiohttp.ClientSession(
@@ -90,8 +129,6 @@ class _HttpSink(abc.ABC):
         except (aiohttp.ClientError, TimeoutError) as exc:
             return Result(Outcome.RETRY, f"http {type(exc).__name__}")
         outcome = _OUTCOMES[self._classify(status, text)]
-        if outcome is not Outcome.RETRY:
-            self._encoded.pop(key, None)
         if outcome is Outcome.OK:
             return OK
         try:
@@ -105,24 +142,29 @@ class _HttpSink(abc.ABC):
             await self._session.close()
 
 
+def _key(record: SinkRecord) -> tuple[str, int, int]:
+    return (record.topic, record.partition, record.offset)
+
+
 class PrometheusDeliverer(_HttpSink):
     signal = Signal.METRICS
+    max_units = 2000  # samples per request, Prometheus remote write's own default
 
     def __init__(self, name: str, config: PrometheusRemoteWriteConfig) -> None:
         super().__init__(name, config, classify_prometheus_response)
         self.translator = PrometheusTranslator(config)
 
-    def encode(self, requests: list) -> Encoded | None:
-        series, metadata = [], []
-        for request in requests:
-            result = self.translator.translate(request)
-            series += result.series
-            metadata += result.metadata
-            for reason, count in result.dropped.items():
-                log.info("sink %s: %d points dropped (%s)", self.name, count, reason)
-        if not series:
-            return None
-        return encode_write_request(series, metadata), remote_write_headers()
+    def translate(self, request: Any) -> list[Any]:
+        result = self.translator.translate(request)
+        for reason, count in result.dropped.items():
+            log.info("sink %s: %d points dropped (%s)", self.name, count, reason)
+        return list(result.series)
+
+    def weight(self, unit: Any) -> int:
+        return max(1, len(unit.samples))
+
+    def encode(self, units: list[Any]) -> Encoded:
+        return encode_write_request(units), remote_write_headers()
 
 
 class LokiDeliverer(_HttpSink):
@@ -133,8 +175,15 @@ class LokiDeliverer(_HttpSink):
         self.translator = LokiTranslator(config)
         self.loki_config = config
 
-    def encode(self, requests: list) -> Encoded | None:
-        streams = [s for request in requests for s in self.translator.translate(request)]
-        if not streams:
-            return None
-        return encode_push(streams, self.loki_config)
+    def translate(self, request: Any) -> list[Any]:
+        out = []
+        for stream in self.translator.translate(request):  # a long stream is cut so each piece fits
+            for start in range(0, len(stream.entries), self.max_units):
+                out.append(replace(stream, entries=stream.entries[start : start + self.max_units]))
+        return out
+
+    def weight(self, unit: Any) -> int:
+        return len(unit.entries)
+
+    def encode(self, units: list[Any]) -> Encoded:
+        return encode_push(units, self.loki_config)

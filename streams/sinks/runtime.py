@@ -115,7 +115,7 @@ class _Batch:
 class SinkRunner:
     def __init__(self, topology: Topology, deliverer: Deliverer, *, metrics: SinkMetrics | None = None,
                  retry: RetryConfig | None = None, breaker: CircuitBreakerConfig | None = None,
-                 group_id: str | None = None, max_batch: int = 500, poll_timeout: float = 0.5) -> None:
+                 group_id: str | None = None, max_batch: int = 200, poll_timeout: float = 0.5) -> None:
         self.topology = topology
         self.deliverer = deliverer
         self.metrics = metrics or SinkMetrics()
@@ -125,7 +125,9 @@ class SinkRunner:
         self.group_id = group_id or f"kotel-{topology.topics.prefix}-sink-{safe}"
         base = topology.kafka.librdkafka_config()
         self.consumer = Consumer({**base, "group.id": self.group_id, "enable.auto.commit": False,
-                                  "auto.offset.reset": "earliest", "enable.partition.eof": False})
+                                  "auto.offset.reset": "earliest", "enable.partition.eof": False,
+                                  # bounded prefetch: a paused or slow sink must not hoard the backlog
+                                  "queued.max.messages.kbytes": 32768})
         self.dlq = Producer({**base, "enable.idempotence": True, "acks": "all"})
         self.dlq_topic = TopicNames(topology.topics.prefix).deadletter
         retry = retry or RetryConfig(max_elapsed_time="0s")  # a sink never gives up on a retryable record
