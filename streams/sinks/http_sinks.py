@@ -77,42 +77,53 @@ class _HttpSink(abc.ABC):
         results: list[Result] = [OK] * len(records)
         groups: dict[str, list[int]] = defaultdict(list)
         for i, record in enumerate(records):
-            key = (record.topic, record.partition, record.offset)
-            if key not in self._translated:
+            groups[record.tenant].append(i)
+        for tenant, indexes in groups.items():
+            await self._deliver_tenant(tenant, records, indexes, results)
+        return results
+
+    async def _deliver_tenant(
+        self, tenant: str, records: Sequence[SinkRecord], indexes: list[int], results: list[Result]
+    ) -> None:
+        """Translate record by record and post each request as it fills, so memory holds one request
+        and one record's translation; only records that must be retried keep theirs."""
+        units: list[Any] = []
+        owners: list[int] = []
+        weight = 0
+        complete: set[int] = set()  # records whose every unit is in a request already built
+
+        async def post() -> None:
+            nonlocal units, owners, weight
+            result = await self._post(tenant, self.encode(units))
+            for owner in set(owners):
+                results[owner] = _worse(results[owner], result)
+                if owner in complete and results[owner].outcome is not Outcome.RETRY:
+                    self._translated.pop(_key(records[owner]), None)
+            units, owners, weight = [], [], 0
+
+        for i in indexes:
+            key = _key(records[i])
+            translated = self._translated.get(key)
+            if translated is None:
                 try:
-                    request = decode_protobuf(self.signal, record.value)
+                    translated = self.translate(decode_protobuf(self.signal, records[i].value))
                 except OtlpDecodeError as exc:
                     results[i] = Result(Outcome.PERMANENT, f"invalid OTLP: {exc}"[:200])
                     continue
-                self._translated[key] = self.translate(request)
-            groups[record.tenant].append(i)
-        for tenant, indexes in groups.items():
-            for body_units, owners in self._pack([self._translated[_key(records[i])] for i in indexes]):
-                result = await self._post(tenant, self.encode(body_units))
-                for owner in owners:
-                    results[indexes[owner]] = _worse(results[indexes[owner]], result)
-        for record, result in zip(records, results, strict=True):
-            if result.outcome is not Outcome.RETRY:
-                self._translated.pop(_key(record), None)  # retried records keep their translation
-        return results
-
-    def _pack(self, per_record: list[list[Any]]) -> list[tuple[list[Any], set[int]]]:
-        bodies: list[tuple[list[Any], set[int]]] = []
-        units: list[Any] = []
-        owners: set[int] = set()
-        weight = 0
-        for owner, record_units in enumerate(per_record):
-            for unit in record_units:
+                self._translated[key] = translated
+            for unit in translated:
                 w = self.weight(unit)
                 if units and weight + w > self.max_units:
-                    bodies.append((units, owners))
-                    units, owners, weight = [], set(), 0
+                    await post()
                 units.append(unit)
-                owners.add(owner)
+                owners.append(i)
                 weight += w
+            complete.add(i)
         if units:
-            bodies.append((units, owners))
-        return bodies
+            await post()
+        for i in indexes:
+            if results[i].outcome is not Outcome.RETRY:
+                self._translated.pop(_key(records[i]), None)  # retried records keep their translation
 
     async def _post(self, tenant: str, encoded: Encoded) -> Result:
         body, headers = encoded

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from kotel.kafka.admin import create_topics
@@ -60,7 +60,10 @@ def _committed(topology: Topology, group: str) -> int:
             if ".tenant." in t.name
             for p in range(t.partitions)
         ]
-        return sum(max(tp.offset, 0) for tp in consumer.committed(parts, timeout=10))
+        try:
+            return sum(max(tp.offset, 0) for tp in consumer.committed(parts, timeout=10))
+        except KafkaException:  # the group coordinator may still be loading right after the broker starts
+            return -1
     finally:
         consumer.close()
 
