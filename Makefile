@@ -16,9 +16,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 up: install
-	$(BIN)/kotel kafka start
-	$(BIN)/kotel topology apply $(TOPOLOGY)
-	$(BIN)/kotel agent --topology $(TOPOLOGY)
+	$(BIN)/kotel up --topology $(TOPOLOGY)
 
 down:
 	-$(BIN)/kotel kafka stop

@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 import aiohttp
+from prometheus_client import CollectorRegistry, Counter
 
 from kotel.otlp import OtlpDecodeError, Signal, decode_protobuf
 from kotel.topology.exporters import HttpClientBase, LokiExporterConfig, PrometheusRemoteWriteConfig
@@ -164,11 +165,20 @@ class PrometheusDeliverer(_HttpSink):
     def __init__(self, name: str, config: PrometheusRemoteWriteConfig) -> None:
         super().__init__(name, config, classify_prometheus_response)
         self.translator = PrometheusTranslator(config)
+        self.register_metrics(CollectorRegistry())
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        self.dropped = Counter(
+            "kotel_sink_dropped_points",
+            "Points with no Prometheus equivalent, by reason (delta_temporality, ...)",
+            ["sink", "reason"],
+            registry=registry,
+        )
 
     def translate(self, request: Any) -> list[Any]:
         result = self.translator.translate(request)
         for reason, count in result.dropped.items():
-            log.info("sink %s: %d points dropped (%s)", self.name, count, reason)
+            self.dropped.labels(self.name, reason).inc(count)
         return list(result.series)
 
     def weight(self, unit: Any) -> int:

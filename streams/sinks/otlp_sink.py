@@ -83,11 +83,14 @@ class OtlpDeliverer:
         self.http = isinstance(config, OtlpHttpExporterConfig)
         self._channel: grpc.aio.Channel | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.register_metrics(registry or CollectorRegistry())
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
         self.rejected = Counter(
-            "kotel_sink_otlp_rejected_items",
+            "kotel_sink_rejected_items",
             "Items the backend rejected (partial success)",
             ["sink", "signal"],
-            registry=registry or CollectorRegistry(),
+            registry=registry,
         )
 
     def _headers(self, tenant: str) -> list[tuple[str, str]]:

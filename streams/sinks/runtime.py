@@ -120,6 +120,9 @@ class SinkRunner:
         self.deliverer = deliverer
         self.metrics = metrics or SinkMetrics()
         self.name = deliverer.name
+        register = getattr(deliverer, "register_metrics", None)
+        if register is not None:  # backend-specific counters (dropped points, partial success) on /metrics
+            register(self.metrics.registry)
         self.topics = sink_topics(topology, deliverer.name, deliverer.signals)
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in deliverer.name)
         self.group_id = group_id or f"kotel-{topology.topics.prefix}-sink-{safe}"

@@ -73,3 +73,30 @@ def test_http_status_table(status: int, outcome: Outcome) -> None:
 def test_http_retry_after_is_honoured() -> None:
     assert http_result(503, "", "7").retry_after == 7.0
     assert http_result(429, "", "soon").retry_after == 0.0
+
+
+def test_prometheus_sink_counts_points_it_drops_on_its_metrics() -> None:
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+    from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
+    from prometheus_client import CollectorRegistry
+
+    from kotel.topology.exporters import PrometheusRemoteWriteConfig
+    from streams.sinks.http_sinks import PrometheusDeliverer
+
+    sink = PrometheusDeliverer(
+        "prom", PrometheusRemoteWriteConfig(endpoint="http://x", delta_temporality="drop")
+    )
+    registry = CollectorRegistry()
+    sink.register_metrics(registry)
+    req = ExportMetricsServiceRequest()
+    metric = req.resource_metrics.add().scope_metrics.add().metrics.add(name="hits")
+    metric.sum.aggregation_temporality = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
+    metric.sum.is_monotonic = True
+    metric.sum.data_points.add(time_unix_nano=10**18, as_int=3)
+    assert sink.translate(req) == []
+    assert (
+        registry.get_sample_value(
+            "kotel_sink_dropped_points_total", {"sink": "prom", "reason": "delta_temporality"}
+        )
+        == 1
+    )
