@@ -290,13 +290,16 @@ class Spill:
         """
         if not self._parts or self._parts[0].path != path:
             raise ValueError(f"{path} is not the oldest spill part")
-        part = self._parts.popleft()
+        part = self._parts[0]
         segment = self._segments[path.parent]
         # The last part takes its directory along, unless a write into it is under way right now.
         drop_dir = segment.size == part.size and self._writing != segment.path and not corrupt
         if drop_dir and segment is self._current:
             self._current = None  # the next write opens a new segment
         await asyncio.to_thread(_remove_part, path, drop_dir, corrupt)
+        # Only now is the part gone: until the file is deleted the spill is not empty, so new data
+        # cannot overtake what is still on disk (and a caller that sees it empty sees no file).
+        self._parts.popleft()
         segment.size -= part.size
         self._used -= part.size
         if drop_dir:

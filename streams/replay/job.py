@@ -188,6 +188,17 @@ def prepare(args: argparse.Namespace) -> Job:
                 f"checkpoint {checkpoint_path} belongs to another replay (job {previous.job}); "
                 f"this one is job {job}"
             )
+    elif not args.dry_run and not args.fresh and checkpoint_path.exists():
+        # Checked before planning: it needs no broker, and nothing may be sent for this job anyway.
+        try:
+            unfinished = not Checkpoint.load(checkpoint_path).done
+        except ReplayError:
+            unfinished = True
+        if unfinished:
+            raise ReplayError(
+                f"an unfinished replay of this job has a checkpoint at {checkpoint_path}: add "
+                "--resume to continue it or --fresh to start over"
+            )
     if args.topic:
         if previous is None:
             consumer = Consumer({**kafka, "group.id": f"kotel-replay-{job}", "enable.auto.commit": False})
@@ -199,16 +210,6 @@ def prepare(args: argparse.Namespace) -> Job:
         kind, units = plan_parquet(Path(args.from_parquet))
     if previous is not None:
         units = previous.units  # the range fixed by the first run, and how far it got
-    elif not args.dry_run and not args.fresh and checkpoint_path.exists():
-        try:
-            unfinished = not Checkpoint.load(checkpoint_path).done
-        except ReplayError:
-            unfinished = True
-        if unfinished:
-            raise ReplayError(
-                f"an unfinished replay of this job has a checkpoint at {checkpoint_path}: add "
-                "--resume to continue it or --fresh to start over"
-            )
 
     target, target_text, target_signals = _target(args, topology, kafka, admin)
     filters = Filters(args.tenant, args.signal, args.reason, target_signals, args.redrive)
