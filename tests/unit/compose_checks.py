@@ -27,10 +27,11 @@ COMPOSE, PIPELINE = ROOT / "docker-compose.yml", ROOT / "deploy" / "compose.pipe
 DOCKERFILE = ROOT / "Dockerfile"
 KAFKA = "kafka:9092"
 
-# Subcommands deploy/compose.pipeline.yml uses before the CLI registers them. Once one is registered,
-# test_pending_subcommands_are_not_registered_yet fails: delete its name here (one line) and its services
-# are checked against the CLI like kotel-init; they may then move into docker-compose.yml.
-PENDING_SUBCOMMANDS = frozenset({"worker", "sink"})
+# Commands deploy/compose.pipeline.yml uses before the CLI has them ("worker tail": the tail-sampling
+# issue). Once the CLI accepts one, test_pending_commands_are_not_available_yet fails: delete it here (one
+# line) and its services are checked against the CLI like the others; they may then move into
+# docker-compose.yml.
+PENDING_SUBCOMMANDS = frozenset({"worker tail"})
 
 CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
 Services = Mapping[str, Mapping[str, Any]]
@@ -226,7 +227,9 @@ def check_kotel_commands(services: Services, parser: argparse.ArgumentParser,
     for name, svc in kotel_services(services).items():
         if not (argv := command_of(svc)):
             problems.append(f"service '{name}' has no command, so kotel would only print its help")
-        elif argv[0] not in known and argv[0] not in pending:
+        elif " ".join(argv[:2]) in pending or argv[0] in pending:
+            continue  # arrives with a later issue; test_pending_commands_are_not_available_yet guards it
+        elif argv[0] not in known:
             problems.append(f"service '{name}' runs 'kotel {argv[0]}', but the CLI has no such subcommand "
                             f"(it has: {', '.join(sorted(known))})")
         elif argv[0] in known and (error := cli_error(parser, argv)) is not None:

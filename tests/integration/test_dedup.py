@@ -1,0 +1,262 @@
+"""The dedup stage against the real broker: `kotel worker dedup` processes, records in, records out."""
+
+from __future__ import annotations
+
+import fcntl
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from kotel.otlp import Signal, decode_protobuf
+from streams.stages.dedup_core import identify
+from tests.integration.stage_support import (
+    REPO,
+    Out,
+    StageEnv,
+    end_offsets,
+    headers_of,
+    produce,
+    read_all,
+    wait_until,
+)
+from tests.unit.otlp_builders import build, counter, log
+
+SHORT = "  processors:\n    dedup: {window: 4s}\n"
+LONG = "  processors:\n    dedup: {window: 5m, signals: [traces]}\n"
+HEADERS = [("kotel.tenant", b"tenant-a"), ("kotel.signal", b"traces"), ("kotel.seq", b"7")]
+
+
+def spans_value(numbers: list[int], instance: str = "i-1", shuffle: bool = False) -> bytes:
+    """Span n (n > 0): trace id n, span id n, start time 1000 + n, in one resource (the given instance)."""
+    order = list(numbers)
+    if shuffle:
+        random.Random(len(order)).shuffle(order)
+    spans = [Span(name=f"op-{n}", trace_id=n.to_bytes(16, "big"), span_id=n.to_bytes(8, "big"),
+                  start_time_unix_nano=1000 + n) for n in order]
+    request = build(Signal.TRACES, ({"service.name": "shop", "service.instance.id": instance}, [spans]))
+    return request.SerializeToString()  # type: ignore[no-any-return]
+
+
+def span_numbers(out: Out) -> list[int]:
+    request = decode_protobuf(Signal.TRACES, out.value)
+    return [int.from_bytes(s.trace_id, "big") for rs in request.resource_spans for ss in rs.scope_spans
+            for s in ss.spans]
+
+
+def for_key(outs: list[Out], key: bytes) -> list[Out]:
+    return [o for o in outs if o.key == key]
+
+
+@pytest.fixture(scope="module")
+def short_env(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StageEnv]:
+    """One worker with a 4 s window for every signal, shared by the tests that need no restart."""
+    env = StageEnv(kafka_bootstrap, tmp_path_factory.mktemp("dedup-short"), SHORT)
+    env.create_topics()
+    env.worker("dedup").start().wait_ready()
+    yield env
+    assert env.workers[0].stop() == 0
+    env.close()
+
+
+@pytest.fixture
+def long_env(kafka_bootstrap: str, tmp_path: Path) -> Iterator[StageEnv]:
+    env = StageEnv(kafka_bootstrap, tmp_path, LONG, partitions=4)
+    env.create_topics()
+    yield env
+    env.close()
+
+
+def test_exact_and_partial_duplicates_across_records(short_env: StageEnv) -> None:
+    names, worker = short_env.topology.topic_names, short_env.workers[0]
+    key = f"i-{uuid.uuid4().hex[:6]}".encode()
+    before = worker.metric("kotel_stage_duplicate_items_total", signal="traces")
+    produce(short_env.bootstrap, names.raw("traces"), [
+        (key, spans_value(list(range(1, 101)), shuffle=True), HEADERS),  # new, out of order
+        (key, spans_value(list(range(1, 101))), HEADERS),  # a retried request: dropped whole
+        (key, spans_value(list(range(51, 151))), HEADERS),  # overlaps by half
+        (key, spans_value([151, 152]), HEADERS),
+    ])
+    outs = for_key(read_all(short_env.bootstrap, names.deduped("traces"), at_least=3), key)
+    assert [span_numbers(o) for o in outs] == [list(range(1, 101)), list(range(101, 151)), [151, 152]]
+    assert all(o.headers == HEADERS for o in outs)  # same key, same headers, input order kept
+    assert len({o.partition for o in outs}) == 1
+    assert worker.metric("kotel_stage_duplicate_items_total", signal="traces") - before == 150
+
+
+def test_a_duplicate_after_the_window_passes_again(short_env: StageEnv) -> None:
+    names = short_env.topology.topic_names
+    key = f"i-{uuid.uuid4().hex[:6]}".encode()
+    value = spans_value([7, 8, 9], instance=key.decode())
+    first = time.time()
+    produce(short_env.bootstrap, names.raw("traces"), [(key, value, HEADERS), (key, value, HEADERS)])
+    time.sleep(max(0.0, first + 4.5 - time.time()))  # record timestamps are the stage's clock
+    produce(short_env.bootstrap, names.raw("traces"), [(key, value, HEADERS), (key, value, HEADERS)])
+    outs = for_key(read_all(short_env.bootstrap, names.deduped("traces"), at_least=2, settle=2.0), key)
+    assert [span_numbers(o) for o in outs] == [[7, 8, 9], [7, 8, 9]]
+    assert outs[1].timestamp - outs[0].timestamp >= 4000  # output keeps the input record's timestamp
+
+
+def test_logs_and_metrics_are_deduplicated_per_item(short_env: StageEnv) -> None:
+    names, key = short_env.topology.topic_names, f"i-{uuid.uuid4().hex[:6]}".encode()
+    res = {"service.name": "shop", "service.instance.id": key.decode()}
+    logs_a = build(Signal.LOGS, (res, [[log("a", 9), log("b", 9)]])).SerializeToString()
+    logs_b = build(Signal.LOGS, (res, [[log("b", 9), log("c", 9)]])).SerializeToString()
+    produce(short_env.bootstrap, names.raw("logs"), [(key, logs_a, []), (key, logs_a, []), (key, logs_b, [])])
+    points = build(Signal.METRICS, (res, [[counter("requests", {"route": "/a"}, {"route": "/b"})]]))
+    produce(short_env.bootstrap, names.raw("metrics"), [(key, points.SerializeToString(), [])] * 2)
+    logs_out = for_key(read_all(short_env.bootstrap, names.deduped("logs"), at_least=2), key)
+    bodies = [[r.body.string_value for rl in decode_protobuf(Signal.LOGS, o.value).resource_logs
+               for sl in rl.scope_logs for r in sl.log_records] for o in logs_out]
+    assert bodies == [["a", "b"], ["c"]]
+    assert len(for_key(read_all(short_env.bootstrap, names.deduped("metrics"), at_least=1), key)) == 1
+
+
+def test_invalid_records_go_to_the_dead_letter_topic_and_the_stage_goes_on(short_env: StageEnv) -> None:
+    names, worker = short_env.topology.topic_names, short_env.workers[0]
+    key = f"i-{uuid.uuid4().hex[:6]}".encode()
+    short_id = Span(trace_id=b"\x01" * 8, span_id=b"\x02" * 8)
+    bad_id = build(Signal.TRACES, ({}, [[short_id]])).SerializeToString()
+    produce(short_env.bootstrap, names.raw("traces"), [
+        (key, b"\xff\xff not protobuf", HEADERS), (key, bad_id, HEADERS), (key, spans_value([42]), HEADERS)])
+    assert [span_numbers(o) for o in for_key(read_all(short_env.bootstrap, names.deduped("traces"),
+                                                      at_least=1), key)] == [[42]]
+    dead = for_key(read_all(short_env.bootstrap, names.deadletter, at_least=2), key)
+    assert dead[0].value == b"\xff\xff not protobuf"
+    first, second = headers_of(dead[0]), headers_of(dead[1])
+    assert first["kotel.dlq.reason"] == ("invalid OTLP/protobuf ExportTraceServiceRequest: malformed wire "
+                                         "format (truncated, or not a protobuf message)")
+    assert second["kotel.dlq.reason"] == ("invalid OTLP span: resourceSpans[0].scopeSpans[0].spans[0]."
+                                          "traceId: expected 16 bytes, got 8")
+    assert first["kotel.dlq.topic"] == names.raw("traces") and first["kotel.tenant"] == "tenant-a"
+    assert int(second["kotel.dlq.offset"]) == int(first["kotel.dlq.offset"]) + 1
+    assert first["kotel.dlq.partition"] == second["kotel.dlq.partition"]
+    assert worker.metric("kotel_stage_deadlettered_records_total", reason="invalid_otlp") >= 2
+
+
+def test_state_survives_a_restart_and_a_partition_move(long_env: StageEnv) -> None:
+    names, boot = long_env.topology.topic_names, long_env.bootstrap
+    raw, out = names.raw("traces"), names.deduped("traces")
+    first = long_env.worker("dedup", "w1").start().wait_ready()
+    produce(boot, raw, [(b"i-1", spans_value(list(range(1, 21))), HEADERS)])
+    assert len(read_all(boot, out, at_least=1)) == 1
+    assert first.stop() == 0
+
+    again = long_env.worker("dedup", "w1-again")
+    again.data_dir = first.data_dir  # the same local RocksDB
+    again.start().wait_ready()
+    produce(boot, raw, [(b"i-1", spans_value(list(range(1, 21))), HEADERS)])
+    wait_until(lambda: again.metric("kotel_stage_duplicate_items_total") == 20, 30, "the retry to be dropped")
+    assert again.stop() == 0
+
+    moved = long_env.worker("dedup", "w2").start().wait_ready()  # fresh disk: state from the changelog only
+    produce(boot, raw, [(b"i-1", spans_value(list(range(11, 31))), HEADERS)])
+    wait_until(lambda: moved.metric("kotel_stage_items_in_total") == 20, 30, "the record to be processed")
+    outs = read_all(boot, out, at_least=2)
+    assert [span_numbers(o) for o in outs] == [list(range(1, 21)), list(range(21, 31))]
+    assert moved.metric("kotel_stage_duplicate_items_total") == 10
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        offsets = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return sum(max(tp.offset, 0) for tp in offsets)
+    finally:
+        consumer.close()
+
+
+class Load:
+    """Records of 50 fresh spans over 16 instances, with every fifth record a retry of an earlier one."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap, self.topic = bootstrap, topic
+        self.sent: list[tuple[bytes, bytes]] = []
+        self.next_span = 1  # 0 would be an all-zero (invalid) trace id
+        self.stop = threading.Event()
+        self.rng = random.Random(11)
+
+    def batch(self, records: int, retry_from: int | None = None) -> list[tuple[bytes, bytes, Any]]:
+        out = []
+        for i in range(records):
+            if i % 5 == 4 and self.sent:
+                key, value = self.rng.choice(self.sent[:retry_from] if retry_from else self.sent)
+            else:
+                key = f"i-{self.rng.randrange(16)}".encode()
+                value = spans_value(list(range(self.next_span, self.next_span + 50)), instance=key.decode())
+                self.next_span += 50
+                self.sent.append((key, value))
+            out.append((key, value, HEADERS))
+        return out
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            produce(self.bootstrap, self.topic, self.batch(20))
+            time.sleep(0.05)
+
+
+def test_kill_9_under_load_loses_and_duplicates_nothing(long_env: StageEnv) -> None:
+    names, boot = long_env.topology.topic_names, long_env.bootstrap
+    raw, out = names.raw("traces"), names.deduped("traces")
+    victim = long_env.worker("dedup", "victim").start().wait_ready()
+    survivor = long_env.worker("dedup", "survivor").start().wait_ready()
+    load = Load(boot, raw)
+    producer = threading.Thread(target=load.run, daemon=True)
+    producer.start()
+    try:
+        wait_until(lambda: victim.metric("kotel_stage_records_in_total") > 20
+                   and survivor.metric("kotel_stage_records_in_total") > 20, 60, "both workers to process")
+        victim.kill()
+        before_kill = len(load.sent)
+        time.sleep(3)
+    finally:
+        load.stop.set()
+        producer.join(30)
+    # Retries of records the victim handled: only its table state, taken over, can drop them.
+    produce(boot, raw, load.batch(40, retry_from=before_kill))
+    total = end_offsets(boot, raw)
+    group = long_env.topology.topics.prefix
+    wait_until(lambda: committed(boot, f"kotel-{group}-dedup", raw, 4) == total, 60,
+               "the survivor to process and commit every record")
+    expected = Counter(i for _, value in load.sent for i in identify(
+        Signal.TRACES, decode_protobuf(Signal.TRACES, value)).ids)
+    got = Counter(i for o in read_all(boot, out, at_least=1, settle=2.0)
+                  for i in identify(Signal.TRACES, decode_protobuf(Signal.TRACES, o.value)).ids)
+    assert set(expected) == set(got), f"{len(set(expected) - set(got))} identities lost"
+    assert max(got.values()) == 1, f"{sum(1 for c in got.values() if c > 1)} identities duplicated"
+    assert "Worker ready" in survivor.log()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "streams.cli", "worker", *args], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+
+
+def test_an_invalid_topology_exits_2_with_the_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gateway:\n  processors:\n    dedup: {window: soon}\n", encoding="utf-8")
+    done = run_cli("dedup", "--topology", str(bad), "--data-dir", str(tmp_path / "data"))
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"{bad}:3: gateway.processors.dedup.window: expected a duration like "
+                                   "200ms, 10s or 1m30s, got 'soon'")
+
+
+def test_a_data_dir_in_use_is_refused(tmp_path: Path, kafka_bootstrap: str) -> None:
+    env = StageEnv(kafka_bootstrap, tmp_path, LONG)
+    data = tmp_path / "data"
+    data.mkdir()
+    with (data / ".lock").open("a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = run_cli("dedup", "--topology", str(env.topology_file), "--data-dir", str(data))
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"{data} is in use by another worker; give each worker its own --data-dir"
