@@ -58,6 +58,18 @@ def for_key(outs: list[Out], key: bytes) -> list[Out]:
     return [o for o in outs if o.key == key]
 
 
+def read_key(bootstrap: str, topic: str, key: bytes, at_least: int, settle: float = 1.0,
+             timeout: float = 60.0) -> list[Out]:
+    """The records of ``key`` once at least ``at_least`` of them arrived (other tests share the topic, so
+    counting the whole topic would stop too early), then ``settle`` seconds more to see extras."""
+    deadline = time.monotonic() + timeout
+    while True:
+        outs = for_key(read_all(bootstrap, topic, settle=settle), key)
+        if len(outs) >= at_least or time.monotonic() > deadline:
+            return outs
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def short_env(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StageEnv]:
     """One worker with a 4 s window for every signal, shared by the tests that need no restart."""
@@ -87,7 +99,7 @@ def test_exact_and_partial_duplicates_across_records(short_env: StageEnv) -> Non
         (key, spans_value(list(range(51, 151))), HEADERS),  # overlaps by half
         (key, spans_value([151, 152]), HEADERS),
     ])
-    outs = for_key(read_all(short_env.bootstrap, names.deduped("traces"), at_least=3), key)
+    outs = read_key(short_env.bootstrap, names.deduped("traces"), key, at_least=3)
     assert [span_numbers(o) for o in outs] == [list(range(1, 101)), list(range(101, 151)), [151, 152]]
     assert all(o.headers == HEADERS for o in outs)  # same key, same headers, input order kept
     assert len({o.partition for o in outs}) == 1
@@ -102,7 +114,7 @@ def test_a_duplicate_after_the_window_passes_again(short_env: StageEnv) -> None:
     produce(short_env.bootstrap, names.raw("traces"), [(key, value, HEADERS), (key, value, HEADERS)])
     time.sleep(max(0.0, first + 4.5 - time.time()))  # record timestamps are the stage's clock
     produce(short_env.bootstrap, names.raw("traces"), [(key, value, HEADERS), (key, value, HEADERS)])
-    outs = for_key(read_all(short_env.bootstrap, names.deduped("traces"), at_least=2, settle=2.0), key)
+    outs = read_key(short_env.bootstrap, names.deduped("traces"), key, at_least=2, settle=2.0)
     assert [span_numbers(o) for o in outs] == [[7, 8, 9], [7, 8, 9]]
     assert outs[1].timestamp - outs[0].timestamp >= 4000  # output keeps the input record's timestamp
 
@@ -115,11 +127,11 @@ def test_logs_and_metrics_are_deduplicated_per_item(short_env: StageEnv) -> None
     produce(short_env.bootstrap, names.raw("logs"), [(key, logs_a, []), (key, logs_a, []), (key, logs_b, [])])
     points = build(Signal.METRICS, (res, [[counter("requests", {"route": "/a"}, {"route": "/b"})]]))
     produce(short_env.bootstrap, names.raw("metrics"), [(key, points.SerializeToString(), [])] * 2)
-    logs_out = for_key(read_all(short_env.bootstrap, names.deduped("logs"), at_least=2), key)
+    logs_out = read_key(short_env.bootstrap, names.deduped("logs"), key, at_least=2)
     bodies = [[r.body.string_value for rl in decode_protobuf(Signal.LOGS, o.value).resource_logs
                for sl in rl.scope_logs for r in sl.log_records] for o in logs_out]
     assert bodies == [["a", "b"], ["c"]]
-    assert len(for_key(read_all(short_env.bootstrap, names.deduped("metrics"), at_least=1), key)) == 1
+    assert len(read_key(short_env.bootstrap, names.deduped("metrics"), key, at_least=1)) == 1
 
 
 def test_invalid_records_go_to_the_dead_letter_topic_and_the_stage_goes_on(short_env: StageEnv) -> None:
@@ -129,9 +141,9 @@ def test_invalid_records_go_to_the_dead_letter_topic_and_the_stage_goes_on(short
     bad_id = build(Signal.TRACES, ({}, [[short_id]])).SerializeToString()
     produce(short_env.bootstrap, names.raw("traces"), [
         (key, b"\xff\xff not protobuf", HEADERS), (key, bad_id, HEADERS), (key, spans_value([42]), HEADERS)])
-    assert [span_numbers(o) for o in for_key(read_all(short_env.bootstrap, names.deduped("traces"),
-                                                      at_least=1), key)] == [[42]]
-    dead = for_key(read_all(short_env.bootstrap, names.deadletter, at_least=2), key)
+    good = read_key(short_env.bootstrap, names.deduped("traces"), key, at_least=1)
+    assert [span_numbers(o) for o in good] == [[42]]
+    dead = read_key(short_env.bootstrap, names.deadletter, key, at_least=2)
     assert dead[0].value == b"\xff\xff not protobuf"
     first, second = headers_of(dead[0]), headers_of(dead[1])
     assert first["kotel.dlq.reason"] == ("invalid OTLP/protobuf ExportTraceServiceRequest: malformed wire "
