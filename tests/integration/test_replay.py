@@ -59,7 +59,10 @@ class Env:
 
     def topic(self, name: str, partitions: int = PARTITIONS) -> str:
         full = f"{self.prefix}.{name}"
-        self.admin.create_topics([NewTopic(full, partitions, 1)])[full].result(timeout=30)
+        # Records are stamped in 2024: without this the broker's retention check (every 5 min) may delete
+        # them between producing and replaying.
+        topic = NewTopic(full, partitions, 1, config={"retention.ms": "-1"})
+        self.admin.create_topics([topic])[full].result(timeout=30)
         return full
 
     def run(self, *args: str, capsys: Cap) -> tuple[int, str, str]:
