@@ -1,0 +1,260 @@
+"""Throughput and memory of one dedup worker against a live broker.
+
+Run: .venv/bin/python -m loadtest.dedup_bench [--bootstrap 127.0.0.1:9092] [--spans 600000]
+     [--batch 1000] [--memory-minutes 4] [--rate 50000] [--skip-throughput] [--skip-memory]
+Needs a running broker (`kotel kafka start`). Each phase uses fresh topics and a fresh worker started as
+`kotel worker dedup` (a child process), fed with realistic spans (samples.traces: HTTP/DB attributes,
+2 scopes, start times out of order, 16 service instances = 16 keys, 5 % of the records re-sent as they
+were, as a retrying client would).
+
+1. Throughput: the whole backlog is produced first, then the worker drains it; spans/s comes from the
+   worker's own counters between its first and its last processed record, with its CPU and RSS.
+2. Memory: a 5-minute window while spans arrive at --rate for --memory-minutes; the worker's RSS, the
+   identities held and the disk used are sampled (the target is 15M identities within 512 MiB RSS).
+A script, not a test: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+
+from kotel.kafka.admin import create_topics
+from kotel.otlp import samples
+from kotel.topology import parse_topology
+
+TOPOLOGY = """
+kafka: {{bootstrap_servers: "{bootstrap}"}}
+topics: {{prefix: "{prefix}", defaults: {{partitions: {partitions}}}}}
+gateway:
+  processors:
+    dedup: {{window: {window}, signals: [traces]}}
+"""
+INSTANCES = 16
+
+
+class Records:
+    """Pre-encoded records whose trace ids are rewritten per record, so every span is new and cheap."""
+
+    def __init__(self, spans_per_record: int) -> None:
+        self.templates: list[tuple[bytes, np.ndarray, np.ndarray]] = []
+        for seed in range(INSTANCES):
+            request = samples.traces(spans_per_record, services=1, seed=seed)
+            wire = request.SerializeToString()
+            spans = [s for ss in request.resource_spans[0].scope_spans for s in ss.spans]
+            offsets = np.array([wire.index(s.trace_id) for s in spans], dtype=np.int64)
+            key = request.resource_spans[0].resource.attributes[1].value.string_value.encode()
+            self.templates.append((key, np.frombuffer(wire, dtype=np.uint8).copy(), offsets))
+        self.spans = spans_per_record
+        self.counter = 0
+        self._where = np.arange(8, dtype=np.int64)
+
+    def next(self) -> tuple[bytes, bytes]:
+        self.counter += 1
+        key, buffer, offsets = self.templates[self.counter % INSTANCES]
+        stamp = np.frombuffer(self.counter.to_bytes(8, "big"), dtype=np.uint8)
+        buffer[(offsets[:, None] + self._where).ravel()] = np.tile(stamp, len(offsets))
+        return key, buffer.tobytes()
+
+
+@dataclass
+class Worker:
+    process: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+
+    def metric(self, name: str) -> float:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return 0.0
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{") or line.startswith(name + " "))
+
+    @property
+    def proc(self) -> psutil.Process:
+        return psutil.Process(self.process.pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def setup(bootstrap: str, work: Path, window: str, partitions: int) -> tuple[Path, str]:
+    prefix = f"bench{uuid.uuid4().hex[:6]}"
+    text = TOPOLOGY.format(bootstrap=bootstrap, prefix=prefix, window=window, partitions=partitions)
+    path = work / f"{prefix}.yaml"
+    path.write_text(text, encoding="utf-8")
+    create_topics(AdminClient({"bootstrap.servers": bootstrap}), parse_topology(text).planned_topics())
+    return path, f"{prefix}.raw.traces"
+
+
+def start_worker(topology: Path, work: Path) -> Worker:
+    port, data = free_port(), work / f"data-{uuid.uuid4().hex[:6]}"
+    log = (work / "worker.log").open("ab")
+    command = [sys.executable, "-m", "kotel.cli", "worker", "dedup", "--topology", str(topology),
+               "--data-dir", str(data), "--web-port", str(port), "--log-level", "WARNING"]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    worker = Worker(process, port, data)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the worker exited; see {work / 'worker.log'}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    return worker
+
+
+def produce(bootstrap: str, topic: str, records: Records, count: int, retry_share: float = 0.05,
+            pace: Callable[[int], None] | None = None) -> int:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True,
+                         "message.max.bytes": 16 * 1024 * 1024, "queue.buffering.max.kbytes": 1024 * 1024})
+    spans, last = 0, None
+    retry_every = int(1 / retry_share) if retry_share else 0
+    for i in range(count):
+        if retry_every and last is not None and i % retry_every == retry_every - 1:
+            key, value = last
+        else:
+            key, value = last = records.next()
+        producer.produce(topic, value, key=key, headers=[("kotel.signal", b"traces")])
+        producer.poll(0)
+        spans += records.spans
+        if pace is not None:
+            pace(spans)
+    producer.flush(120)
+    return spans
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def throughput(args: argparse.Namespace, work: Path) -> None:
+    topology, topic = setup(args.bootstrap, work, "5m", args.partitions)
+    records = Records(args.batch)
+    count = args.spans // args.batch
+    started = time.monotonic()
+    total = produce(args.bootstrap, topic, records, count)
+    unique = total - (count // 20) * args.batch
+    print(f"backlog: {count} records, {total} spans ({unique} unique) in {time.monotonic() - started:.1f} s")
+    worker = start_worker(topology, work)
+    first = None
+    peak_rss = 0
+    try:
+        while True:
+            done = worker.metric("kotel_stage_items_in_total")
+            now, cpu = time.monotonic(), worker.proc.cpu_times()
+            peak_rss = max(peak_rss, worker.proc.memory_info().rss)
+            if done and first is None:
+                first = (now, done, cpu.user + cpu.system)
+            if done >= total or worker.process.poll() is not None:
+                break
+            time.sleep(0.25)
+        assert first is not None
+        elapsed, spent = now - first[0], cpu.user + cpu.system - first[2]
+        rate = (done - first[1]) / elapsed if elapsed else float("nan")
+        out = worker.metric("kotel_stage_items_out_total")
+        dups = worker.metric("kotel_stage_duplicate_items_total")
+        threads = sorted(worker.proc.threads(), key=lambda t: -(t.user_time + t.system_time))[:4]
+        busiest = ", ".join(f"{t.user_time + t.system_time:.1f}" for t in threads)
+        print("  busiest worker threads (CPU s):", busiest)
+        print(f"throughput: {rate:,.0f} spans/s ({done - first[1]:,.0f} spans in {elapsed:.1f} s), "
+              f"worker CPU {spent / elapsed:.0%} of a core = {(done - first[1]) / max(spent, 1e-9):,.0f} "
+              f"spans per CPU-second; out {out:,.0f}, duplicates {dups:,.0f}; peak RSS "
+              f"{peak_rss / 2**20:.0f} MiB")
+    finally:
+        worker.stop()
+
+
+def memory(args: argparse.Namespace, work: Path) -> None:
+    topology, topic = setup(args.bootstrap, work, "5m", args.partitions)
+    records = Records(args.batch)
+    worker = start_worker(topology, work)
+    seconds = args.memory_minutes * 60
+    count = int(args.rate * seconds / args.batch)
+    began = time.monotonic()
+
+    def pace(spans: int) -> None:
+        ahead = spans / args.rate - (time.monotonic() - began)
+        if ahead > 0:
+            time.sleep(ahead)
+
+    feeder = threading.Thread(target=produce, args=(args.bootstrap, topic, records, count, 0.0, pace),
+                              daemon=True)
+    feeder.start()
+    peak = 0
+    try:
+        while feeder.is_alive() or time.monotonic() - began < seconds:
+            time.sleep(15)
+            rss = worker.proc.memory_info().rss
+            peak = max(peak, rss)
+            keys = worker.metric("kotel_stage_table_keys")
+            lag = worker.metric("kotel_stage_consumer_lag")
+            processed = worker.metric("kotel_stage_items_in_total")
+            print(f"  t={time.monotonic() - began:5.0f} s  processed {processed:>12,.0f}  identities "
+                  f"{keys:>12,.0f}  lag {lag:>6,.0f} records  RSS {rss / 2**20:6.0f} MiB  disk "
+                  f"{disk_bytes(worker.data_dir) / 2**20:6.0f} MiB", flush=True)
+            if worker.process.poll() is not None:
+                print("the worker exited")
+                break
+        print(f"memory: peak RSS {peak / 2**20:.0f} MiB with up to "
+              f"{worker.metric('kotel_stage_table_keys'):,.0f} identities in the window")
+    finally:
+        worker.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bootstrap", default=os.environ.get("KOTEL_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+    parser.add_argument("--spans", type=int, default=600_000, help="backlog of the throughput phase")
+    parser.add_argument("--batch", type=int, default=1000, help="spans per record")
+    parser.add_argument("--partitions", type=int, default=3)
+    parser.add_argument("--memory-minutes", type=float, default=4.0)
+    parser.add_argument("--rate", type=float, default=50_000, help="spans/s offered in the memory phase")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kotel-dedup-bench-") as tmp:
+        work = Path(tmp)
+        if not args.skip_throughput:
+            throughput(args, work)
+        if not args.skip_memory:
+            memory(args, work)
+
+
+if __name__ == "__main__":
+    main()
