@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 
 
 def any_value(value: Any) -> AnyValue:
-    """The AnyValue of the same type (bool before int: True is an int in Python)."""
+    """The AnyValue of the same type (bool before int: True is an int in Python); None is an empty one."""
+    if value is None:
+        return AnyValue()
     if isinstance(value, bool):
         return AnyValue(bool_value=value)
     if isinstance(value, int):
@@ -17,6 +19,10 @@ def any_value(value: Any) -> AnyValue:
         return AnyValue(double_value=value)
     if isinstance(value, bytes):
         return AnyValue(bytes_value=value)
+    if isinstance(value, list | tuple):
+        return AnyValue(array_value=ArrayValue(values=[any_value(v) for v in value]))
+    if isinstance(value, dict):
+        return AnyValue(kvlist_value=KeyValueList(values=[kv(k, v) for k, v in value.items()]))
     return AnyValue(string_value=value)
 
 

@@ -82,6 +82,37 @@ async def _run(runner: SinkRunner, done: Callable[[], bool], timeout: float = 60
         await runner.deliverer.close()
 
 
+def _fast_retries(runner: SinkRunner) -> None:
+    from kotel.topology.exporters import RetryConfig
+
+    runner.backoff = type(runner.backoff)(
+        RetryConfig(initial_interval="200ms", max_interval="1s", max_elapsed_time="0s")
+    )
+
+
+async def _through_an_outage(runner: SinkRunner, server, delivered: Callable[[], bool]) -> list[int]:
+    """Stop the server, let the sink fail for a few polls, start it again, wait until ``delivered``.
+    Returns what was committed while the server was down (-1: the coordinator was still loading)."""
+    _fast_retries(runner)
+    server.stop()
+    while_down: list[int] = []
+
+    def done() -> bool:
+        if server.running:
+            return delivered()
+        while_down.append(_committed(runner))
+        if len(while_down) >= 8:
+            server.start()
+        return False
+
+    try:
+        await _run(runner, done, timeout=120)
+    finally:
+        if not server.running:
+            server.start()
+    return while_down
+
+
 def _metrics(job_suffix: str, now_ns: int, value: int) -> bytes:
     req = ExportMetricsServiceRequest()
     rm = req.resource_metrics.add()
@@ -161,31 +192,8 @@ async def test_prometheus_outage_commits_nothing_until_the_server_is_back(
     now = time.time_ns()
     _produce(topology, "metrics", [_metrics(suffix, now - k * 10**9, 10 - k) for k in range(3, 0, -1)])
     runner = SinkRunner(topology, build_deliverer(topology, "prometheusremotewrite"))
-    from kotel.topology.exporters import RetryConfig
-
-    runner.backoff = type(runner.backoff)(
-        RetryConfig(initial_interval="200ms", max_interval="1s", max_elapsed_time="0s")
-    )
-    prometheus_server.stop()
-    restarted = False
-    try:
-        committed_while_down: list[int] = []
-
-        def done() -> bool:
-            nonlocal restarted
-            if not restarted:
-                committed_while_down.append(_committed(runner))
-                if len(committed_while_down) >= 10:  # a few seconds of refused deliveries
-                    prometheus_server.start()
-                    restarted = True
-                return False
-            return _committed(runner) == 3
-
-        await _run(runner, done, timeout=120)
-    finally:
-        if not prometheus_server.running:
-            prometheus_server.start()
-    assert max(committed_while_down) <= 0
+    while_down = await _through_an_outage(runner, prometheus_server, lambda: _committed(runner) == 3)
+    assert max(while_down) <= 0
     assert (
         runner.metrics.registry.get_sample_value(
             "kotel_sink_retried_records_total",
@@ -339,28 +347,8 @@ async def test_loki_outage_commits_nothing_until_the_server_is_back(
     )
     _produce(topology, "logs", [req.SerializeToString()])
     runner = SinkRunner(topology, build_deliverer(topology, "loki"))
-    from kotel.topology.exporters import RetryConfig
-
-    runner.backoff = type(runner.backoff)(
-        RetryConfig(initial_interval="200ms", max_interval="1s", max_elapsed_time="0s")
-    )
-    victorialogs_server.stop()
-    while_down: list[int] = []
-    try:
-
-        def done() -> bool:
-            if victorialogs_server.running:
-                return _committed(runner) == 1
-            while_down.append(_committed(runner))
-            if len(while_down) >= 8:
-                victorialogs_server.start()
-            return False
-
-        await _run(runner, done, timeout=120)
-    finally:
-        if not victorialogs_server.running:
-            victorialogs_server.start()
-    assert max(while_down) <= 0  # -1: the coordinator was still loading; never a commit
+    while_down = await _through_an_outage(runner, victorialogs_server, lambda: _committed(runner) == 1)
+    assert max(while_down) <= 0
     assert [f["_msg"] for f in victorialogs_server.query(marker, account_id=9)] == [marker]
 
 
@@ -375,28 +363,12 @@ async def test_tempo_outage_commits_nothing_until_the_server_is_back(
     )
     _produce(topology, "traces", [_trace(trace_id, ["during-outage"])])
     runner = SinkRunner(topology, build_deliverer(topology, "tempo"))
-    from kotel.topology.exporters import RetryConfig
-
-    runner.backoff = type(runner.backoff)(
-        RetryConfig(initial_interval="200ms", max_interval="1s", max_elapsed_time="0s")
+    while_down = await _through_an_outage(
+        runner,
+        jaeger_server,
+        lambda: _committed(runner) == 1 and len(jaeger_server.spans(trace_id.hex())) == 1,
     )
-    jaeger_server.stop()
-    while_down: list[int] = []
-    try:
-
-        def done() -> bool:
-            if jaeger_server.running:
-                return _committed(runner) == 1 and len(jaeger_server.spans(trace_id.hex())) == 1
-            while_down.append(_committed(runner))
-            if len(while_down) >= 8:
-                jaeger_server.start()
-            return False
-
-        await _run(runner, done, timeout=120)
-    finally:
-        if not jaeger_server.running:
-            jaeger_server.start()
-    assert max(while_down) <= 0  # -1: the coordinator was still loading; never a commit
+    assert max(while_down) <= 0
     assert (
         runner.metrics.registry.get_sample_value(
             "kotel_sink_retried_records_total", {"sink": "otlp/tempo", "reason": "grpc UNAVAILABLE"}
