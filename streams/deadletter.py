@@ -14,16 +14,13 @@ from typing import Any
 
 import faust
 
+from kotel.kafka.deadletter import DLQ_KEYS, OFFSET, PARTITION, REASON, TOPIC
 from kotel.topology import Topology
 from streams.app import metrics_of
 
 log = logging.getLogger("kotel.deadletter")
 
-REASON = "kotel.dlq.reason"
-TOPIC = "kotel.dlq.topic"
-PARTITION = "kotel.dlq.partition"
-OFFSET = "kotel.dlq.offset"
-_OWN = (REASON, TOPIC, PARTITION, OFFSET)
+_OWN = DLQ_KEYS
 MAX_REASON_BYTES = 1024  # a reason is for humans; a header must not grow with a hostile payload
 
 
