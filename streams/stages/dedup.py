@@ -272,14 +272,14 @@ class DedupStage:
         self.app.tables.add(self.table)
         topic = self.app.topic(self.source, key_type=bytes, value_type=bytes, partitions=self.partitions)
         self.app.agent(topic, name=f"dedup-{self.signal}")(self._agent)
+        self.guard = OffsetGuard(self.app, self.topology.kafka, [self.source])
         self.metrics.add_sampler(self._sample)
 
     async def _agent(self, stream: StreamT) -> None:
         stream = stream.noack()
         acks = OrderedAcks(stream, self._delivered, _MAX_IN_FLIGHT)
-        guard = OffsetGuard(self.app, self.topology.kafka)
         async for event in stream.events():
-            if await guard.admit(event):
+            if await self.guard.admit(event):
                 await self._handle(event, acks)
 
     async def _handle(self, event: EventT, acks: OrderedAcks) -> None:
