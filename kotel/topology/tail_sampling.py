@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -32,6 +33,16 @@ class StringAttributePolicy(Model):
     enabled_regex_matching: bool = False
     cache_max_size: int = Field(0, ge=0)
     invert_match: bool = False
+
+    @model_validator(mode="after")
+    def _regexes(self) -> StringAttributePolicy:
+        if self.enabled_regex_matching:
+            for position, value in enumerate(self.values):
+                try:
+                    re.compile(value)
+                except re.error as exc:
+                    raise ValueError(f"values[{position}] is not a valid regular expression: {exc}") from None
+        return self
 
 
 class NumericAttributePolicy(Model):
@@ -167,6 +178,13 @@ class Policy(Model):
     def _composite_refs(self) -> Policy:
         if self.type == "composite":
             names = {s.name for s in self.sub_policies}
+            for position, entry in enumerate(self.rate_allocation):
+                percent = entry.get("percent", 0)
+                if set(entry) - {"policy", "percent"} or "policy" not in entry:
+                    raise ValueError(f"rate_allocation[{position}] takes a policy and a percent, no more")
+                number = isinstance(percent, int | float) and not isinstance(percent, bool)
+                if not number or not 0 <= percent <= 100:
+                    raise ValueError(f"rate_allocation[{position}].percent must be a number from 0 to 100")
             for ref in self.policy_order + [str(a.get("policy")) for a in self.rate_allocation]:
                 if ref not in names:
                     raise ValueError(f"composite refers to sub-policy {ref!r}, which is not defined")
