@@ -36,7 +36,7 @@ test: install servers
 # (cached under $(KOTEL_CACHE) or .kotel/cache; the first Go build takes minutes, later runs seconds).
 servers: install
 	command -v prometheus >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus; }
-	$(BIN)/python -m tests.servers.build
+	$(BIN)/python -m loadtest.servers.build
 
 clean: down
 	rm -rf .kotel

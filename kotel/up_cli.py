@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_up)
 
 
-def _available() -> dict[str, set[str]]:
+def available_commands() -> dict[str, set[str]]:
+    """Each installed command and its first-level choices: what this installation can run."""
     from kotel.cli import build_parser
 
     parser = build_parser()
@@ -100,7 +101,7 @@ def _up(args: argparse.Namespace) -> int:
     created = create_topics(admin, plan.create)
     print(f"kotel up: topics: {len(created)} created, {len(plan.unchanged)} up to date, "
           f"{len(plan.drift)} drifted")
-    available = _available()
+    available = available_commands()
     children, skipped = plan_children(topology, args.topology, available)
     for child in children:
         print(f"kotel up: {child.name:<22} {child.what}")

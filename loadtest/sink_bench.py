@@ -1,7 +1,7 @@
 """Rate of one sink against its real backend: records produced into a tenant topic, drained by
 `kotel sink` (a child process), timed until its committed offsets reach the end of the topic.
 
-Run (the backend must be running; the e2e fixtures in tests/servers can start one):
+Run (the backend must be running; the e2e fixtures in loadtest/servers can start one):
   .venv/bin/python -m loadtest.sink_bench --sink prometheus --endpoint http://127.0.0.1:9090/api/v1/write
   .venv/bin/python -m loadtest.sink_bench --sink loki --endpoint http://127.0.0.1:9428/insert/loki/api/v1/push
   .venv/bin/python -m loadtest.sink_bench --sink tempo --endpoint 127.0.0.1:4317

@@ -4,7 +4,7 @@ stopped and deleted when the session ends.
 
 A test may stop a session server to play an outage; it must start it again (in a `finally`) before it
 returns. Jaeger keeps traces in memory, so its restart forgets them; the other two keep their data.
-Binaries come from `python -m tests.servers.build` (built here on first use when it has not run).
+Binaries come from `python -m loadtest.servers.build` (built here on first use when it has not run).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import TypeVar
 
 import pytest
 
-from tests.servers import ServerProcess
-from tests.servers.jaeger import JaegerServer
-from tests.servers.prometheus import PrometheusServer
-from tests.servers.victorialogs import VictoriaLogsServer
+from loadtest.servers import ServerProcess
+from loadtest.servers.jaeger import JaegerServer
+from loadtest.servers.prometheus import PrometheusServer
+from loadtest.servers.victorialogs import VictoriaLogsServer
 
 _HERE = Path(__file__).parent
 START_TIMEOUT = 60.0

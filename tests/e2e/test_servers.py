@@ -22,12 +22,12 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
 
+from loadtest.servers import ServerError, accepts_connections, http_request, wait_until
+from loadtest.servers.build import GoServer, is_cached
+from loadtest.servers.jaeger import JaegerServer
+from loadtest.servers.prometheus import PrometheusServer
+from loadtest.servers.victorialogs import VictoriaLogsServer
 from streams.sinks.proto import loki_push_pb2, remote_write_pb2
-from tests.servers import ServerError, accepts_connections, http_request, wait_until
-from tests.servers.build import GoServer, is_cached
-from tests.servers.jaeger import JaegerServer
-from tests.servers.prometheus import PrometheusServer
-from tests.servers.victorialogs import VictoriaLogsServer
 
 REMOTE_WRITE_HEADERS = {
     "Content-Encoding": "snappy",

@@ -33,11 +33,11 @@ from kotel.otlp import samples
 from kotel.otlp.attributes import kv
 from kotel.topology import load_topology
 from kotel.topology.exporters import FileExporterConfig
+from loadtest.servers.prometheus import PrometheusServer
 from streams.replay.cli import main
 from streams.sinks.archive import ParquetArchive, read_archive
 from streams.sinks.factory import SinkConfigError, build_deliverer
 from streams.sinks.runtime import SinkRecord
-from tests.servers.prometheus import PrometheusServer
 
 Cap = pytest.CaptureFixture[str]
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,6 +1,6 @@
 """Find or build the real servers the e2e tests run, caching each Go build once per machine.
 
-Run ``python -m tests.servers.build`` before the tests to build anything missing (quick when cached):
+Run ``python -m loadtest.servers.build`` before the tests to build anything missing (quick when cached):
 Jaeger v2 (Tempo's stand-in) and VictoriaLogs (Loki's stand-in) come from the Go module proxy and are
 built with the local Go toolchain; Prometheus comes from Debian's ``prometheus`` package. Tempo and Loki
 themselves are AGPL and are not built here.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kotel import paths
-from tests.servers import ServerError
+from loadtest.servers import ServerError
 
 JAEGER_MODULE_DIR = Path(__file__).parent / "jaeger"
 JAEGER_PACKAGE = "github.com/jaegertracing/jaeger/cmd/jaeger"
@@ -77,7 +77,7 @@ def module_version(go_mod: Path, module: str) -> str:
 
 
 # jaeger's go.mod has a replace directive, so `go install ...@version` refuses it; `go get -tool` inside
-# a module of ours resolves it (see tests/servers/jaeger/go.mod).
+# a module of ours resolves it (see loadtest/servers/jaeger/go.mod).
 JAEGER = GoServer(
     "jaeger",
     JAEGER_PACKAGE,
@@ -213,7 +213,7 @@ def require_prometheus() -> tuple[Path, tuple[int, int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.servers.build", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m loadtest.servers.build", description=__doc__)
     known = [*GO_SERVERS, "prometheus"]
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(known)} (default: all)")
     args = parser.parse_args(argv)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tests.servers import (
+from loadtest.servers import (
     HOST,
     ServerError,
     ServerProcess,
@@ -19,7 +19,7 @@ from tests.servers import (
     free_ports,
     http_request,
 )
-from tests.servers.build import JAEGER, ensure_built
+from loadtest.servers.build import JAEGER, ensure_built
 
 CONFIG = Path(__file__).parent / "jaeger" / "config.yaml"
 

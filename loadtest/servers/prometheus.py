@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.servers import HOST, ServerError, ServerProcess, free_ports, get_json, http_request
-from tests.servers.build import require_prometheus
+from loadtest.servers import HOST, ServerError, ServerProcess, free_ports, get_json, http_request
+from loadtest.servers.build import require_prometheus
 
 # No scrape jobs: the tests write every sample. The out-of-order window lets a sink's retries and
 # replays land behind newer samples of the same series, as a production Prometheus would be set up.

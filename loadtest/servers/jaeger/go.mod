@@ -1,4 +1,4 @@
-// Pins Jaeger v2 (cmd/jaeger) as a tool of this module for the e2e tests; tests/servers/build.py
+// Pins Jaeger v2 (cmd/jaeger) as a tool of this module for the e2e tests; loadtest/servers/build.py
 // builds it. `go install ...@version` refuses jaeger because its go.mod has a replace directive.
 // To move to another release: go get -tool github.com/jaegertracing/jaeger/cmd/jaeger@vX.Y.Z
 module kotel.test/servers/jaeger

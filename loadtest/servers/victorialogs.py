@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from tests.servers import HOST, ServerError, ServerProcess, free_ports, http_request
-from tests.servers.build import VICTORIALOGS, ensure_built
+from loadtest.servers import HOST, ServerError, ServerProcess, free_ports, http_request
+from loadtest.servers.build import VICTORIALOGS, ensure_built
 
 
 class VictoriaLogsServer(ServerProcess):
