@@ -22,6 +22,7 @@ down:
 	-$(BIN)/kotel kafka stop
 
 status:
+	-$(BIN)/kotel status
 	$(BIN)/kotel kafka status
 
 lint: install
