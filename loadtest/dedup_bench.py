@@ -1,7 +1,8 @@
 """Throughput and memory of one dedup worker against a live broker.
 
 Run: .venv/bin/python -m loadtest.dedup_bench [--bootstrap 127.0.0.1:9092] [--spans 600000]
-     [--batch 1000] [--memory-minutes 4] [--rate 50000] [--skip-throughput] [--skip-memory]
+     [--batch 1000] [--rate 50000] [--window 300] [--memory-deadline 900] [--skip-throughput]
+     [--skip-memory]
 Needs a running broker (`kotel kafka start`). Each phase uses fresh topics and a fresh worker started as
 `kotel worker dedup` (a child process), fed with realistic spans (samples.traces: HTTP/DB attributes,
 2 scopes, start times out of order, 16 service instances = 16 keys, 5 % of the records re-sent as they
@@ -9,8 +10,10 @@ were, as a retrying client would).
 
 1. Throughput: the whole backlog is produced first, then the worker drains it; spans/s comes from the
    worker's own counters between its first and its last processed record, with its CPU and RSS.
-2. Memory: a 5-minute window while spans arrive at --rate for --memory-minutes; the worker's RSS, the
-   identities held and the disk used are sampled (the target is 15M identities within 512 MiB RSS).
+2. Memory: a full window of --rate x --window identities (15M by default), produced first with record
+   times spread over the window, then drained; the worker's RSS, the identities held and the store's
+   disk use are sampled every 10 s (the target is 15M identities within 512 MiB RSS). Bounded by
+   --memory-deadline. Each phase deletes its topics at the end.
 A script, not a test: nothing is asserted.
 """
 
@@ -22,7 +25,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
@@ -139,7 +141,7 @@ def start_worker(topology: Path, work: Path) -> Worker:
 
 
 def produce(bootstrap: str, topic: str, records: Records, count: int, retry_share: float = 0.05,
-            pace: Callable[[int], None] | None = None) -> int:
+            stamp: Callable[[int], int] | None = None) -> int:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True,
                          "message.max.bytes": 16 * 1024 * 1024, "queue.buffering.max.kbytes": 1024 * 1024})
     spans, last = 0, None
@@ -149,13 +151,32 @@ def produce(bootstrap: str, topic: str, records: Records, count: int, retry_shar
             key, value = last
         else:
             key, value = last = records.next()
-        producer.produce(topic, value, key=key, headers=[("kotel.signal", b"traces")])
+        extra = {"timestamp": stamp(i)} if stamp is not None else {}
+        while True:
+            try:
+                producer.produce(topic, value, key=key, headers=[("kotel.signal", b"traces")], **extra)
+                break
+            except BufferError:  # the local queue is full: let it drain
+                producer.poll(0.5)
         producer.poll(0)
         spans += records.spans
-        if pace is not None:
-            pace(spans)
     producer.flush(120)
     return spans
+
+
+def drop_topics(bootstrap: str, topology: Path) -> None:
+    """The phase's topics (GBs of records) are of no use afterwards."""
+    names = [t.name for t in parse_topology(topology.read_text(encoding="utf-8")).planned_topics()]
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # held: its futures fail once it is collected
+    for future in admin.delete_topics(names).values():
+        try:
+            future.result(60)
+        except Exception as exc:  # a leftover topic is only worth a line
+            print(f"  could not delete a topic: {exc}")
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def disk_bytes(path: Path) -> int:
@@ -169,7 +190,8 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
     started = time.monotonic()
     total = produce(args.bootstrap, topic, records, count)
     unique = total - (count // 20) * args.batch
-    print(f"backlog: {count} records, {total} spans ({unique} unique) in {time.monotonic() - started:.1f} s")
+    print(f"backlog: {count} records, {total} spans ({unique} unique) in {time.monotonic() - started:.1f} s; "
+          f"load {load()}")
     worker = start_worker(topology, work)
     first = None
     peak_rss = 0
@@ -194,46 +216,56 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
         print(f"throughput: {rate:,.0f} spans/s ({done - first[1]:,.0f} spans in {elapsed:.1f} s), "
               f"worker CPU {spent / elapsed:.0%} of a core = {(done - first[1]) / max(spent, 1e-9):,.0f} "
               f"spans per CPU-second; out {out:,.0f}, duplicates {dups:,.0f}; peak RSS "
-              f"{peak_rss / 2**20:.0f} MiB")
+              f"{peak_rss / 2**20:.0f} MiB; load {load()}")
     finally:
         worker.stop()
+        drop_topics(args.bootstrap, topology)
 
 
 def memory(args: argparse.Namespace, work: Path) -> None:
-    topology, topic = setup(args.bootstrap, work, "5m", args.partitions)
+    """A full window: rate x window identities whose record times span the window, drained by one worker.
+
+    Produced as a backlog first (faster than real time) so the phase ends in minutes; the stage keys its
+    window on record time, so the worker holds the same identities as after ``window`` s at ``rate``.
+    """
+    topology, topic = setup(args.bootstrap, work, f"{args.window}s", args.partitions)
     records = Records(args.batch)
+    count = int(args.rate * args.window / args.batch)
+    first_ms = int(time.time() * 1000) - args.window * 1000
+
+    def stamp(i: int) -> int:
+        return first_ms + (i + 1) * args.window * 1000 // count
+
+    started = time.monotonic()
+    total = produce(args.bootstrap, topic, records, count, 0.0, stamp=stamp)
+    print(f"backlog: {count} records, {total:,} spans, record times over {args.window} s, produced in "
+          f"{time.monotonic() - started:.0f} s; load {load()}", flush=True)
     worker = start_worker(topology, work)
-    seconds = args.memory_minutes * 60
-    count = int(args.rate * seconds / args.batch)
-    began = time.monotonic()
-
-    def pace(spans: int) -> None:
-        ahead = spans / args.rate - (time.monotonic() - began)
-        if ahead > 0:
-            time.sleep(ahead)
-
-    feeder = threading.Thread(target=produce, args=(args.bootstrap, topic, records, count, 0.0, pace),
-                              daemon=True)
-    feeder.start()
-    peak = 0
+    began, peak, done = time.monotonic(), 0, 0.0
     try:
-        while feeder.is_alive() or time.monotonic() - began < seconds:
-            time.sleep(15)
-            rss = worker.proc.memory_info().rss
-            peak = max(peak, rss)
-            keys = worker.metric("kotel_stage_table_keys")
-            lag = worker.metric("kotel_stage_consumer_lag")
-            processed = worker.metric("kotel_stage_items_in_total")
-            print(f"  t={time.monotonic() - began:5.0f} s  processed {processed:>12,.0f}  identities "
-                  f"{keys:>12,.0f}  lag {lag:>6,.0f} records  RSS {rss / 2**20:6.0f} MiB  disk "
-                  f"{disk_bytes(worker.data_dir) / 2**20:6.0f} MiB", flush=True)
+        while time.monotonic() - began < args.memory_deadline:
+            time.sleep(10)
             if worker.process.poll() is not None:
                 print("the worker exited")
                 break
-        print(f"memory: peak RSS {peak / 2**20:.0f} MiB with up to "
-              f"{worker.metric('kotel_stage_table_keys'):,.0f} identities in the window")
+            rss = worker.proc.memory_info().rss
+            peak = max(peak, rss)
+            done = worker.metric("kotel_stage_items_in_total")
+            keys = worker.metric("kotel_stage_table_keys")
+            print(f"  t={time.monotonic() - began:4.0f} s  processed {done:>12,.0f}  identities (RocksDB "
+                  f"estimate) {keys:>12,.0f}  RSS {rss / 2**20:5.0f} MiB  store on disk "
+                  f"{disk_bytes(worker.data_dir) / 2**20:6.0f} MiB  load {load()}", flush=True)
+            if done >= total:
+                break
+        time.sleep(12)  # one more sampler round for the table size
+        out = worker.metric("kotel_stage_items_out_total")
+        print(f"memory: {done:,.0f} of {total:,} spans in {time.monotonic() - began:.0f} s; {out:,.0f} "
+              f"identities stored, RocksDB estimates {worker.metric('kotel_stage_table_keys'):,.0f}; peak "
+              f"RSS {max(peak, worker.proc.memory_info().rss) / 2**20:.0f} MiB; store on disk "
+              f"{disk_bytes(worker.data_dir) / 2**20:.0f} MiB")
     finally:
         worker.stop()
+        drop_topics(args.bootstrap, topology)
 
 
 def main() -> None:
@@ -243,8 +275,9 @@ def main() -> None:
     parser.add_argument("--spans", type=int, default=600_000, help="backlog of the throughput phase")
     parser.add_argument("--batch", type=int, default=1000, help="spans per record")
     parser.add_argument("--partitions", type=int, default=3)
-    parser.add_argument("--memory-minutes", type=float, default=4.0)
-    parser.add_argument("--rate", type=float, default=50_000, help="spans/s offered in the memory phase")
+    parser.add_argument("--rate", type=int, default=50_000, help="spans/s the memory phase's window holds")
+    parser.add_argument("--window", type=int, default=300, help="dedup window of the memory phase, s")
+    parser.add_argument("--memory-deadline", type=float, default=900, help="the memory phase stops after, s")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()

@@ -23,8 +23,9 @@ import asyncio
 import logging
 import struct
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import faust
@@ -43,12 +44,12 @@ from rocksdict import (
     WriteBufferManager,
 )
 
-from kotel.otlp import OtlpDecodeError, Signal, decode_protobuf, validate_request
+from kotel.otlp import OtlpDecodeError, Signal, validate_request
 from kotel.topology import Topology
 from kotel.topology.processors import DedupConfig
 from streams.app import OffsetGuard, OrderedAcks, Pending, aiokafka_options, fatal, metrics_of
 from streams.deadletter import DeadLetter
-from streams.stages.dedup_core import IDENTITY_SIZE, apply_keep, decide, identify
+from streams.stages.dedup_core import IDENTITY_SIZE, decide, identify_record
 
 log = logging.getLogger("kotel.dedup")
 
@@ -117,6 +118,10 @@ class IdentityStore(RocksStore):
         # the default skip list made inserts about ten times dearer (measured with rocksdict).
         cf.set_prefix_extractor(SliceTransform.create_fixed_prefix(IDENTITY_SIZE))
         cf.set_memtable_factory(MemtableFactory.hash_link_list(1 << 16))
+        # Nearly every lookup misses: a Bloom filter over the memtable (prefix = whole key) answers most
+        # of them without walking it, which halved the lookup time at a million keys (measured).
+        cf.set_memtable_prefix_bloom_ratio(0.1)
+        cf.set_memtable_whole_key_filtering(True)
         cf.set_write_buffer_size(16 * 1024 * 1024)
 
     def _open_for_partition(self, partition: int) -> Rdict:
@@ -169,9 +174,7 @@ class IdentityStore(RocksStore):
         index = ts_ms // self.window_ms
         if ids and index >= part.stream_ms // self.window_ms - 1:
             batch.set_default_column_family(part.handle(index))
-            stamp = _TS.pack(ts_ms)
-            for identity in ids:
-                batch.put(identity, stamp)
+            deque(map(batch.put, ids, repeat(_TS.pack(ts_ms), len(ids))), maxlen=0)  # no Python-level loop
         if out is not None and out[1] >= 0 and (out[0] != part.out_partition or out[1] > part.out_offset):
             part.out_partition, part.out_offset = out
         batch.set_default_column_family(None)
@@ -291,11 +294,11 @@ class DedupStage:
         self.metrics.records_in.labels(*labels).inc()
         headers = list(msg.headers or ())
         try:
-            request = decode_protobuf(self.signal, msg.value or b"")
-            items = identify(self.signal, request)
-            # Spans are checked inline by identify (the hot path); logs and metrics cost more to identify
-            # than to validate, so they always are.
-            if items.suspect or self.signal is not Signal.TRACES:
+            record = identify_record(self.signal, msg.value or b"")
+            items, request = record.items, record.request
+            # Spans read on the wire were checked there (the hot path); decoded spans are checked inline
+            # by identify; logs and metrics cost more to identify than to validate, so they always are.
+            if request is not None and (items.suspect or self.signal is not Signal.TRACES):
                 problems = validate_request(self.signal, request, max_problems=3)
                 if problems:
                     raise OtlpDecodeError(f"invalid OTLP {self.signal.item_name}: {'; '.join(problems)}")
@@ -307,17 +310,14 @@ class DedupStage:
         stamp = min(int(msg.timestamp * 1000), _now_ms()) if msg.timestamp else _now_ms()
         seen = self.table.store.lookup(msg.partition, items.ids, stamp)
         pending = self._pending[msg.partition]
-        if pending:
+        if not pending.isdisjoint(items.ids):
             seen = [hit or identity in pending for hit, identity in zip(seen, items.ids, strict=True)]
         keep, fresh = decide(items.ids, seen)
         self.metrics.items_in.labels(*labels).inc(len(keep))
         self.metrics.duplicates.labels(*labels).inc(len(keep) - len(fresh))
         output = None
         if fresh:
-            if len(fresh) == len(keep) and items.ordered:
-                value = msg.value
-            else:
-                value = apply_keep(self.signal, request, keep, items).SerializeToString()  # type: ignore[union-attr]
+            value = record.output(self.signal, keep)
             producer = await self.app.maybe_start_producer()
             output = await producer.send(self.target, msg.key, value,
                                          partition=msg.partition % self._out_partitions,
@@ -368,7 +368,7 @@ class DedupStage:
             while await consumer.position(tp) < end:
                 for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
                     if record.offset < end:
-                        ids.extend(identify(self.signal, decode_protobuf(self.signal, record.value)).ids)
+                        ids.extend(identify_record(self.signal, record.value).items.ids)
             stamp, covered = _now_ms(), (tp.partition, end - 1)
             self.table.store.remember(partition, ids, stamp, covered)
             await self.table.send_changelog(partition, b"prime", encode_changelog(stamp, covered, ids))

@@ -4,6 +4,10 @@ An item is a span, a log record or a metric data point. Its identity is a 16-byt
 canonical serialization (attribute order never matters), so it is stable across processes and releases
 and is what the stage keeps in RocksDB. The binding works on batches: `identify` one request, look its
 identities up in bulk, then `apply_keep` removes the duplicates and sorts what is left.
+
+The stage's hot path is `identify_record`: spans are read on the wire (`kotel.otlp.spanwire`) and the
+record is rebuilt only when a duplicate or an out-of-order scope asks for it; anything off the common
+layout, and every log and metric record, goes through the decoded messages.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from kotel.otlp import Signal, count_items
+from kotel.otlp import Signal, count_items, decode_protobuf
+from kotel.otlp.spanwire import MATERIAL_SIZE, WireSpans, read_spans
 
 IDENTITY_SIZE = 16
 
@@ -286,3 +291,57 @@ def dedup_request(
     if not duplicates and items.ordered:
         return (request if keep else None), 0
     return apply_keep(signal, request, keep, items), duplicates
+
+
+@dataclass(slots=True)
+class Record:
+    """One input record, identified: its items and how to write it back with only some of them.
+
+    ``request`` is the decoded message when the record took the decoded path (None on the wire path,
+    where nothing past the span identities was parsed, so there is nothing to validate either).
+    """
+
+    value: bytes
+    items: Items
+    request: Message | None
+    wire: WireSpans | None = None
+
+    def output(self, signal: Signal, keep: Sequence[bool]) -> bytes | None:
+        """The bytes holding exactly the kept items, time-sorted per group; the input itself when every
+        item is kept and already in order (the common case: no re-encoding); None when none is kept."""
+        if len(keep) != len(self.items.ids):
+            raise ValueError(f"keep has {len(keep)} flags but the record has {len(self.items.ids)} items")
+        if not any(keep):
+            return None
+        if self.items.ordered and all(keep):
+            return self.value
+        if self.wire is not None:
+            return self.wire.rebuild(keep, self.items.unordered)
+        assert self.request is not None
+        kept = apply_keep(signal, self.request, keep, self.items)
+        return kept.SerializeToString() if kept is not None else None
+
+
+def _identify_wire(spans: WireSpans) -> Items:
+    material, size, blake = spans.material, MATERIAL_SIZE, _blake
+    items = Items([blake(material[i:i + size], digest_size=IDENTITY_SIZE).digest()
+                   for i in range(0, len(material), size)])
+    starts, pos = spans.starts, 0
+    for group, found in enumerate(spans.groups):
+        if not _is_sorted(starts[pos:pos + len(found)]):
+            items.unordered.add(group)
+        pos += len(found)
+    return items
+
+
+def identify_record(signal: Signal, value: bytes) -> Record:
+    """Identify a record's items, on the wire for spans in the usual layout, else decoded.
+
+    OtlpDecodeError when the bytes are not the signal's export request.
+    """
+    if signal is Signal.TRACES:
+        spans = read_spans(value)
+        if spans is not None:
+            return Record(value, _identify_wire(spans), None, spans)
+    request = decode_protobuf(signal, value)
+    return Record(value, identify(signal, request), request)

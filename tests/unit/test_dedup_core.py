@@ -15,10 +15,11 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 import streams.app
-from kotel.otlp import Signal, count_items
+from kotel.otlp import OtlpDecodeError, Signal, count_items, decode_protobuf, samples
+from kotel.otlp.sizing import encode_varint
 from streams.app import OrderedAcks
 from streams.stages.dedup import SeenTable, decode_changelog, encode_changelog
-from streams.stages.dedup_core import apply_keep, dedup_request, identify
+from streams.stages.dedup_core import apply_keep, dedup_request, identify, identify_record
 from tests.unit.otlp_builders import build, items, kvs
 
 RES = {"service.name": "shop", "service.instance.id": "shop-1"}
@@ -256,6 +257,64 @@ def test_apply_keep_checks_the_flag_count() -> None:
 
 
 # --- changelog records and the RocksDB window store ---------------------------------------------------
+
+
+# --- the wire path (identify_record) ---------------------------------------------------------------
+
+
+def test_wire_path_reads_and_rebuilds_like_the_decoded_path() -> None:
+    value = samples.traces(300, services=3, seed=5).SerializeToString()  # start times out of order
+    record = identify_record(Signal.TRACES, value)
+    decoded = decode_protobuf(Signal.TRACES, value)
+    expected = identify(Signal.TRACES, decoded)
+    assert record.wire is not None and record.request is None
+    assert record.items.ids == expected.ids and record.items.unordered == expected.unordered
+    keep = [random.Random(n).random() < 0.6 for n in range(len(expected.ids))]
+    out = record.output(Signal.TRACES, keep)
+    assert out is not None
+    assert decode_protobuf(Signal.TRACES, out) == apply_keep(Signal.TRACES, decoded, keep, expected)
+    assert record.output(Signal.TRACES, [False] * len(keep)) is None
+
+
+def test_wire_path_returns_an_ordered_all_new_record_as_is() -> None:
+    value = build(Signal.TRACES, (RES, [spans(1, 2, 3)])).SerializeToString()
+    record = identify_record(Signal.TRACES, value)
+    assert record.wire is not None and record.output(Signal.TRACES, [True] * 3) is value
+    with pytest.raises(ValueError, match=r"^keep has 2 flags but the record has 3 items$"):
+        record.output(Signal.TRACES, [True, True])
+
+
+def _framed(tag: bytes, body: bytes) -> bytes:
+    return tag + encode_varint(len(body)) + body
+
+
+def _off_layout(case: str) -> bytes:
+    span = spans(5)[0]
+    if case == "ids last":  # valid protobuf, fields out of the usual order
+        raw = span.SerializeToString()
+        return _framed(b"\x0a", _framed(b"\x12", _framed(b"\x12", raw[28:] + raw[:28])))
+    if case == "no start time":
+        span.start_time_unix_nano = 0
+    elif case == "long name":
+        span.name = "n" * 200
+    elif case == "zero trace id":
+        span.trace_id = bytes(16)
+    return build(Signal.TRACES, (RES, [[span]])).SerializeToString()
+
+
+@pytest.mark.parametrize("case", ["ids last", "no start time", "long name", "zero trace id"])
+def test_spans_off_the_usual_layout_take_the_decoded_path(case: str) -> None:
+    value = _off_layout(case)
+    record = identify_record(Signal.TRACES, value)
+    assert record.wire is None and record.request is not None
+    assert record.items.ids == identify(Signal.TRACES, decode_protobuf(Signal.TRACES, value)).ids
+    assert record.items.suspect is (case == "zero trace id")
+
+
+def test_wire_path_rejects_bytes_that_are_not_a_request() -> None:
+    with pytest.raises(OtlpDecodeError, match=r"^invalid OTLP/protobuf ExportTraceServiceRequest: malformed "
+                       r"wire format \(truncated, or not a protobuf message\)$"):
+        identify_record(Signal.TRACES, b"\x0a\x05abc")
 
 
 def test_changelog_record_round_trip() -> None:
