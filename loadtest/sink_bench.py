@@ -7,6 +7,9 @@ Run (the backend must be running; the e2e fixtures in loadtest/servers can start
   .venv/bin/python -m loadtest.sink_bench --sink tempo --endpoint 127.0.0.1:4317
   .venv/bin/python -m loadtest.sink_bench --sink archive --endpoint /tmp/archive
 Prints records/s and items/s, and the sink's CPU and peak RSS. A script, not a test.
+Each record comes from its own service instances (new series every record, the worst case for a
+Prometheus sink's series cache and for Prometheus itself) unless `--instances N` reuses N instance ids,
+as a steady fleet does.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ import uuid
 from pathlib import Path
 
 import psutil
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from kotel.kafka.admin import create_topics
-from kotel.otlp import count_items, samples
+from kotel.otlp import Signal, count_items, samples
 from kotel.topology import parse_topology
 
 EXPORTERS = {
@@ -43,6 +46,8 @@ def main() -> None:
     parser.add_argument("--bootstrap", default="127.0.0.1:9092")
     parser.add_argument("--records", type=int, default=400)
     parser.add_argument("--items", type=int, default=1000, help="items per record")
+    parser.add_argument("--instances", type=int, default=0,
+                        help="reuse this many service.instance.id values per service (0: new per record)")
     args = parser.parse_args()
     exporter, signal, options = EXPORTERS[args.sink]
     text = f"""
@@ -72,6 +77,12 @@ gateway:
                             dp.time_unix_nano = now - (args.records - i) * 1_000_000
                             if dp.start_time_unix_nano:
                                 dp.start_time_unix_nano = now - 3_600 * 10**9
+        if args.instances:  # ids end in the seed's last four digits: use i % instances instead
+            for resource in getattr(request, Signal(signal).resource_field):
+                for attribute in resource.resource.attributes:
+                    if attribute.key == "service.instance.id":
+                        instance = attribute.value.string_value
+                        attribute.value.string_value = f"{instance[:-4]}{i % args.instances:04d}"
         items += count_items(request)
         producer.produce(
             topic,
@@ -110,7 +121,10 @@ gateway:
     try:
         while time.monotonic() - started < 600:
             rss = max(rss, proc.memory_info().rss)
-            committed = sum(max(tp.offset, 0) for tp in consumer.committed(parts, timeout=10))
+            try:
+                committed = sum(max(tp.offset, 0) for tp in consumer.committed(parts, timeout=10))
+            except KafkaException:  # the group coordinator may still be loading on a fresh broker
+                committed = -1
             if committed >= args.records:
                 break
             time.sleep(0.25)

@@ -14,15 +14,17 @@ from dataclasses import replace
 from typing import Any
 
 import aiohttp
+import cramjam
 from prometheus_client import CollectorRegistry, Counter
 
 from kotel.otlp import OtlpDecodeError, Signal, decode_protobuf
 from kotel.topology.exporters import HttpClientBase, LokiExporterConfig, PrometheusRemoteWriteConfig
-from streams.sinks.loki_translate import LokiTranslator, classify_loki_response, encode_push
+from streams.sinks.loki_translate import LokiTranslator, classify_loki_response, encode_push, push_headers
+from streams.sinks.loki_wire import LokiWireTranslator
 from streams.sinks.prom_translate import (
     PrometheusTranslator,
     classify_prometheus_response,
-    encode_write_request,
+    encode_series,
     remote_write_headers,
 )
 from streams.sinks.runtime import OK, Outcome, Result, SinkRecord
@@ -67,6 +69,10 @@ class _HttpSink(abc.ABC):
     def translate(self, request: Any) -> list[Any]:
         """The units (series, log streams) of one OTLP request, each weighing at most max_units."""
 
+    def translate_record(self, value: bytes) -> list[Any]:
+        """The units of one record's value; OtlpDecodeError when it is not valid OTLP."""
+        return self.translate(decode_protobuf(self.signal, value))
+
     @abc.abstractmethod
     def weight(self, unit: Any) -> int: ...
 
@@ -107,7 +113,7 @@ class _HttpSink(abc.ABC):
             translated = self._translated.get(key)
             if translated is None:
                 try:
-                    translated = self.translate(decode_protobuf(self.signal, records[i].value))
+                    translated = self.translate_record(records[i].value)
                 except OtlpDecodeError as exc:
                     results[i] = Result(Outcome.PERMANENT, f"invalid OTLP: {exc}"[:200])
                     continue
@@ -159,8 +165,13 @@ def _key(record: SinkRecord) -> tuple[str, int, int]:
 
 
 class PrometheusDeliverer(_HttpSink):
+    """Units are pieces of already encoded series (bytes, samples): a request is their concatenation."""
+
     signal = Signal.METRICS
     max_units = 2000  # samples per request, Prometheus remote write's own default
+    #: samples per piece: small enough that requests fill to nearly max_units, large enough that packing
+    #: handles a few hundred units per record rather than one per series
+    piece_samples = 250
 
     def __init__(self, name: str, config: PrometheusRemoteWriteConfig) -> None:
         super().__init__(name, config, classify_prometheus_response)
@@ -176,16 +187,19 @@ class PrometheusDeliverer(_HttpSink):
         )
 
     def translate(self, request: Any) -> list[Any]:
-        result = self.translator.translate(request)
+        return self.translate_record(request.SerializeToString())
+
+    def translate_record(self, value: bytes) -> list[Any]:
+        result = self.translator.translate_wire(value)
         for reason, count in result.dropped.items():
             self.dropped.labels(self.name, reason).inc(count)
-        return list(result.series)
+        return result.pieces(self.piece_samples)
 
     def weight(self, unit: Any) -> int:
-        return max(1, len(unit.samples))
+        return max(1, unit[1])
 
     def encode(self, units: list[Any]) -> Encoded:
-        return encode_write_request(units), remote_write_headers()
+        return encode_series(unit[0] for unit in units), remote_write_headers()
 
 
 class LokiDeliverer(_HttpSink):
@@ -194,17 +208,29 @@ class LokiDeliverer(_HttpSink):
     def __init__(self, name: str, config: LokiExporterConfig) -> None:
         super().__init__(name, config, classify_loki_response)
         self.translator = LokiTranslator(config)
+        self.wire = LokiWireTranslator(config) if config.encoding == "protobuf" else None
         self.loki_config = config
 
     def translate(self, request: Any) -> list[Any]:
+        if self.wire is not None:
+            return self.translate_record(request.SerializeToString())
         out = []
         for stream in self.translator.translate(request):  # a long stream is cut so each piece fits
             for start in range(0, len(stream.entries), self.max_units):
                 out.append(replace(stream, entries=stream.entries[start : start + self.max_units]))
         return out
 
+    def translate_record(self, value: bytes) -> list[Any]:
+        """Protobuf: (PushRequest.streams bytes, entries) pieces; JSON: LokiStream objects."""
+        if self.wire is None:
+            return super().translate_record(value)
+        return self.wire.translate_wire(value, self.max_units)
+
     def weight(self, unit: Any) -> int:
-        return len(unit.entries)
+        return unit[1] if self.wire is not None else len(unit.entries)
 
     def encode(self, units: list[Any]) -> Encoded:
+        if self.wire is not None:
+            body = b"".join(unit[0] for unit in units)  # a PushRequest is its streams fields, concatenated
+            return bytes(cramjam.snappy.compress_raw(body)), push_headers("protobuf")
         return encode_push(units, self.loki_config)
