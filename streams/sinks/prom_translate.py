@@ -83,9 +83,13 @@ class WireResult:
     dropped: Counter[str] = field(default_factory=Counter)
 
     def pieces(self, max_samples: int) -> list[tuple[bytes, int]]:
-        """Consecutive series joined into pieces of at most max_samples samples (a longer series alone)."""
+        """Consecutive series joined into pieces of at most max_samples samples (a longer series alone).
+
+        Metadata (``send_metadata``) rides in the first piece: a request is the concatenation of its pieces,
+        and WriteRequest fields may come in any order.
+        """
         out: list[tuple[bytes, int]] = []
-        chunk: list[bytes] = []
+        chunk: list[bytes] = [wire_field(_METADATA_TAG, m.SerializeToString()) for m in self.metadata]
         weight = 0
         for encoded, count in zip(self.series, self.samples, strict=True):
             if chunk and weight + count > max_samples:
@@ -96,6 +100,9 @@ class WireResult:
         if chunk:
             out.append((b"".join(chunk), weight))
         return out
+
+
+_METADATA_TAG = 3 << 3 | 2  # WriteRequest.metadata, length-delimited
 
 
 @dataclass(slots=True)

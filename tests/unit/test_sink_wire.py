@@ -24,7 +24,7 @@ from streams.sinks.http_sinks import PrometheusDeliverer
 from streams.sinks.prom_translate import PrometheusTranslator, WireResult
 from streams.sinks.prom_translate_series import SampleBatch, SeriesCache
 from streams.sinks.proto import otlp_views_pb2 as views
-from streams.sinks.proto.remote_write_pb2 import Label, Sample, TimeSeries, WriteRequest
+from streams.sinks.proto.remote_write_pb2 import Label, MetricMetadata, Sample, TimeSeries, WriteRequest
 from streams.sinks.wire import sample, sample_time, timestamp, varint
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
@@ -217,6 +217,24 @@ def test_the_sink_posts_what_translate_returns_in_requests_of_bounded_samples() 
     body, _ = sink.encode(pieces)
     parsed = WriteRequest.FromString(bytes(cramjam.snappy.decompress_raw(body)))
     assert list(parsed.timeseries) == PrometheusTranslator(_config()).translate(request).series
+
+
+@pytest.mark.parametrize("send", [True, False])
+def test_send_metadata_puts_each_family_in_the_request_once(send: bool) -> None:
+    config = PrometheusRemoteWriteConfig(endpoint="http://127.0.0.1:9/api/v1/write", send_metadata=send)
+    sink = PrometheusDeliverer("p", config)
+    request = ExportMetricsServiceRequest()
+    metric = request.resource_metrics.add().scope_metrics.add().metrics.add(name="queue.depth", unit="By",
+                                                                           description="items waiting")
+    for i in range(600):
+        metric.gauge.data_points.add(time_unix_nano=10**18, as_double=i, attributes=[kv("i", i)])
+    pieces = sink.translate(request)
+    body, _ = sink.encode(pieces)
+    parsed = WriteRequest.FromString(bytes(cramjam.snappy.decompress_raw(body)))
+    assert len(parsed.timeseries) == 600
+    expected = [MetricMetadata(type=MetricMetadata.GAUGE, metric_family_name="queue_depth_bytes",
+                               help="items waiting", unit="bytes")]
+    assert list(parsed.metadata) == (expected if send else [])
 
 
 # --- invalid records fail as the full parse does -------------------------------------------------
