@@ -1,4 +1,4 @@
-"""`kotel worker {dedup,route} --topology FILE`: one Faust worker of a stream stage.
+"""`kotel worker {dedup,tail,route} --topology FILE`: one Faust worker of a stream stage.
 
 Also runnable without the entry point as ``python -m streams.cli worker dedup --topology FILE``.
 """
@@ -20,14 +20,15 @@ from kotel.logs import setup_logging
 from kotel.topology import Topology, TopologyError, load_topology
 
 # Stage name -> "module:function" binding; imported only when that stage runs.
-STAGES = {"dedup": "streams.stages.dedup:bind", "route": "streams.stages.routing:bind"}
+STAGES = {"dedup": "streams.stages.dedup:bind", "route": "streams.stages.routing:bind",
+          "tail": "streams.stages.tail:bind"}
 
 log = logging.getLogger("kotel.worker")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
-        "worker", help="run a stream stage worker (dedup, route)",
+        "worker", help="run a stream stage worker (dedup, tail, route)",
         description="Run one Faust worker of a stream stage. Workers of a stage started with the same "
                     "topology form one consumer group and share the partitions.",
     )

@@ -1,0 +1,418 @@
+"""The tail-sampling stage: ``<prefix>.deduped.traces`` -> by trace id -> ``<prefix>.sampled.traces``.
+
+Two agents and a decider share one worker. *regroup* reads the deduped topic (keyed by instance) and
+writes one bundle per destination partition of ``<app id>-traces-repartition`` (tail_core.regroup).
+*buffer* reads that topic; each bundle is planned into the partition's `TraceState` (RocksDB), late
+spans follow their cached decision at once, and the bundle is logged to the table's changelog. The
+*decider* task scans each active partition's deadline index every ``TICK`` seconds and decides due
+traces in slices of about ``SLICE_SECONDS`` of work, yielding to the event loop between slices, so a
+million pending traces never stall it. Inputs are acked (OrderedAcks) only once their outputs and their
+log record are acknowledged.
+
+Deadlines run on stream time (the partition's latest input time, moving on with the clock while
+no input comes), so a backlog is decided as its spans were produced rather than all at once.
+
+Exactly once in effect, without transactions. A per-partition lock orders state changes. A record is
+logged only once the outputs it implies are acknowledged, and it carries the last output offset it
+covers; every record says which spans were emitted, so a replica rebuilt from the log never emits them
+again; a bundle logged and then re-delivered is skipped by its offset; and outputs that reached the
+sampled topic but not the log (a crash in between) are read back from the covered offset before a new
+owner touches the partition (`_prime`), as dedup does. Spans re-sent by the regroup agent after a
+crash are dropped at decision time (repeats within a trace) or by the emitted set (late copies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Awaitable
+from typing import Any
+
+import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from faust.types import EventT, StreamT
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kotel.otlp import OtlpDecodeError, Signal, decode_protobuf, validate_request
+from kotel.topology import Topology
+from streams.app import OffsetGuard, OrderedAcks, aiokafka_options, fatal, metrics_of
+from streams.deadletter import DeadLetter
+from streams.stages.tail_core import (
+    INDEX_HEADER,
+    NO_COVER,
+    Cover,
+    encode_bundle,
+    encode_decisions,
+    fragments,
+    output_headers,
+    regroup,
+    trace_partition,
+    traces_of,
+)
+from streams.stages.tail_policies import TailSampler
+from streams.stages.tail_state import Limits, Output, Plan
+from streams.stages.tail_store import TraceTable, changelog_retention
+
+log = logging.getLogger("kotel.tail")
+
+TICK = 0.1  # seconds between decision rounds
+SLICE_SECONDS = 0.02  # synchronous decision work between two yields to the event loop
+MAX_IN_FLIGHT = 256
+MAX_SLICES_IN_FLIGHT = 4  # decided slices per partition waiting for their outputs
+_LATENESS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class TailMetrics:
+    """What became of each trace and span, beside the worker's generic counters."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.traces = Counter("kotel_tail_traces_decided", "Traces decided, by decision and deciding policy "
+                              "('' when none matched)", ["decision", "policy"], registry=r)
+        self.spans = Counter("kotel_tail_spans_decided", "Spans of decided traces, by decision and policy",
+                             ["decision", "policy"], registry=r)
+        self.late = Counter("kotel_tail_late_spans", "Spans arriving after their trace's decision, which "
+                            "they follow", ["decision"], registry=r)
+        self.lateness = Histogram("kotel_tail_late_span_lateness_seconds", "Time between a trace's decision "
+                                  "and its late spans", ["decision"], buckets=_LATENESS, registry=r)
+        self.truncated = Counter("kotel_tail_truncated_spans", "Spans dropped because their trace reached a "
+                                 "limit", ["limit"], registry=r)
+        self.early = Counter("kotel_tail_early_decisions", "Traces decided before decision_wait, by limit",
+                             ["reason"], registry=r)
+        self.primed = Counter("kotel_tail_recovered_spans", "Emitted spans found in the output after a "
+                              "takeover and not emitted again", registry=r)
+        self.pending = Gauge("kotel_tail_pending_traces", "Traces waiting for a decision (active "
+                             "partitions)", registry=r)
+        self.slice = Histogram("kotel_tail_decision_slice_seconds", "Event-loop time of one slice of "
+                               "decisions", buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1), registry=r)
+
+
+class TailStage:
+    """The worker's tail sampling: its table, its two agents, its decider."""
+
+    def __init__(self, app: faust.App, topology: Topology) -> None:
+        config = topology.gateway.tail_sampling if topology.gateway is not None else None
+        if config is None:
+            raise ValueError("the topology has no tail_sampling processor under gateway.processors; "
+                             "`kotel worker tail` has nothing to do")
+        self.app, self.topology = app, topology
+        names, topics = topology.topic_names, topology.topics
+        self.source = names.deduped("traces")
+        self.partitions = topics.resolve(self.source, topics.deduped, "traces").partitions
+        self.regrouped = f"{app.conf.id}-traces-repartition"
+        self.target = names.sampled_traces
+        self.limits = Limits.of(config, self.partitions)
+        self.sampler = TailSampler(config)
+        self.metrics = metrics_of(app)
+        self.tail = TailMetrics(self.metrics.registry)
+        self.deadletter = DeadLetter(app, topology)
+        self.table = TraceTable(app, name="traces", limits=self.limits, partitions=self.partitions,
+                                key_type=bytes, value_type=bytes, beacon=app.tables.beacon,
+                                help="pending traces and decisions")
+        self._locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._primed: dict[int, int] = {}
+        self._covers: dict[int, Cover] = {}
+        self._clocks: dict[int, tuple[int, float]] = {}  # stream time ms, monotonic time it was seen
+        self._deciding: dict[int, int] = defaultdict(int)  # decided slices whose record is not logged yet
+        self._finishing: dict[int, asyncio.Future[None]] = {}  # the last of them
+        self._out_partitions = 0
+        self._slice = 256
+
+    def bind(self) -> None:
+        app = self.app
+        app.tables.add(self.table)
+        source = app.topic(self.source, key_type=bytes, value_type=bytes)
+        regrouped = app.topic(self.regrouped, key_type=bytes, value_type=bytes, partitions=self.partitions,
+                              internal=True)
+        app.agent(source, name="tail-regroup")(self._regroup_agent)
+        app.agent(regrouped, name="tail-buffer")(self._buffer_agent)
+        app.task(self._decider)
+        self.guard = OffsetGuard(app, self.topology.kafka, [self.source, self.regrouped])
+        self.metrics.add_sampler(self._sample)
+
+    # --- regroup: instance-keyed records -> one bundle per trace partition ------------------------
+
+    async def _regroup_agent(self, stream: StreamT) -> None:
+        manual = stream.noack()
+        acks = OrderedAcks(manual, None, MAX_IN_FLIGHT)
+        async for event in manual.events():
+            if await self.guard.admit(event):
+                await self._regroup(event, acks)
+
+    async def _regroup(self, event: EventT, acks: OrderedAcks) -> None:
+        msg = event.message
+        labels = self.metrics.stage, "traces"
+        self.metrics.records_in.labels(*labels).inc()
+        headers = list(msg.headers or ())
+        try:
+            request = decode_protobuf(Signal.TRACES, msg.value or b"")
+            parts, spans = regroup(request, self.partitions)
+        except OtlpDecodeError as exc:
+            reason = str(exc)
+            if "trace id" in reason:  # name the offending span as every stage does
+                problems = validate_request(Signal.TRACES, request, max_problems=3)
+                reason = f"invalid OTLP span: {'; '.join(problems)}" if problems else reason
+            future = await self.deadletter.submit(msg.value or b"", msg.key, reason, msg.topic,
+                                                  msg.partition, msg.offset, headers, kind="invalid_otlp")
+            await acks.submit(event, [future])
+            return
+        self.metrics.items_in.labels(*labels).inc(spans)
+        producer = await self.app.maybe_start_producer()
+        futures = [await producer.send(self.regrouped, msg.key, value, partition=p, timestamp=msg.timestamp,
+                                       headers=[*headers, (INDEX_HEADER, index)])
+                   for p, (value, index) in parts.items()]
+        await acks.submit(event, futures)
+
+    # --- buffer: bundles -> trace state; late spans follow their decision -------------------------
+
+    async def _buffer_agent(self, stream: StreamT) -> None:
+        manual = stream.noack()
+        acks = OrderedAcks(manual, None, MAX_IN_FLIGHT)
+        async for event in manual.events():
+            if await self.guard.admit(event):
+                await self._buffer(event, acks)
+
+    async def _buffer(self, event: EventT, acks: OrderedAcks) -> None:
+        msg, p = event.message, event.message.partition
+        headers = list(msg.headers or ())
+        value = msg.value or b""
+        index = next((v for k, v in headers if k == INDEX_HEADER), None)
+        try:
+            frags = fragments(value, index)
+        except OtlpDecodeError as exc:
+            future = await self.deadletter.submit(value, msg.key, str(exc), msg.topic, msg.partition,
+                                                  msg.offset, headers, kind="invalid_otlp")
+            await acks.submit(event, [future])
+            return
+        tenant = next((v.decode(errors="replace") for k, v in headers if k == "kotel.tenant"), "")
+        async with self._locks[p]:
+            await self._ensure_primed(p)
+            state = self.table.store.state(p)
+            now = _now_ms()
+            if msg.timestamp:
+                now = min(now, int(msg.timestamp * 1000))
+            stream_ms, _ = self._clocks.get(p, (0, 0.0))
+            self._clocks[p] = (max(stream_ms, now), time.monotonic())
+            plan = state.ingest(msg.offset, now, tenant, frags)
+            if plan.skipped:
+                logged: Awaitable[Any] | None = None
+            else:
+                if plan.outputs:
+                    last = await self._emit(p, plan.outputs)
+                    if not self._deciding[p]:  # else a decided slice's outputs may lie before these
+                        self._covers[p] = last
+                cover = self._covers.get(p, state.meta.cover)
+                state.commit(plan, cover)
+                record = encode_bundle(cover, msg.offset, now, tenant, value, index or b"")
+                logged = self._log(p, b"B%d" % msg.offset, record)
+        self._count(plan)
+        await acks.submit(event, [logged] if logged is not None else [])
+
+    # --- decisions ---------------------------------------------------------------------------------
+
+    async def _decider(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            if self.app.rebalancing or getattr(self.app, "in_recovery", False):
+                continue
+            try:
+                for p in self.table.store.active_partitions():
+                    await self._decide(p)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                fatal("tail sampling decisions failed", exc)
+
+    async def _decide(self, p: int) -> None:
+        """Decide a partition's due traces, slice by slice.
+
+        A slice is decided and written under the partition's lock, without awaiting anything; its
+        outputs and its log record follow outside it (`_finish`), so ingestion does not wait for the
+        broker. A bundle ingested meanwhile sees the decision (its spans are late), and a replay that
+        meets it before the verdict gets the same answer (tail_core.Verdict.fragments).
+        """
+        generation = self.app.consumer_generation_id
+        while True:
+            async with self._locks[p]:
+                if self.app.consumer_generation_id != generation or self.app.rebalancing:
+                    return
+                await self._ensure_primed(p)
+                state = self.table.store.state(p)
+                started = time.perf_counter()
+                now = self._stream_now(p)
+                due = state.due(now, self._slice)
+                if not due:
+                    return
+                plan = state.decide([tid for tid, _ in due], self.sampler)
+                state.commit(state.settle(plan, plan.verdicts, now))
+                spent = time.perf_counter() - started
+                self._deciding[p] += 1
+                self._finishing[p] = asyncio.ensure_future(self._finish(p, plan, now,
+                                                                        self._finishing.get(p)))
+            self._adapt(spent, len(due))
+            self.tail.slice.observe(spent)
+            forced = sum(1 for _, reason in due if reason == "num_traces")
+            if forced:
+                self.tail.early.labels("num_traces").inc(forced)
+            self._count(plan)
+            if self._deciding[p] >= MAX_SLICES_IN_FLIGHT:
+                await asyncio.shield(self._finishing[p])
+            else:
+                await asyncio.sleep(0)
+
+    async def _finish(self, p: int, plan: Plan, now: int, previous: asyncio.Future[None] | None) -> None:
+        """A decided slice's outputs, then (after the slice before it) its log record."""
+        try:
+            last = await self._emit(p, plan.outputs) if plan.outputs else None
+            if previous is not None:
+                await previous
+            self._deciding[p] -= 1
+            if last is not None:
+                out_p, offset = last
+                known = self._covers.get(p, NO_COVER)
+                self._covers[p] = (out_p, max(offset, known[1] if known[0] == out_p else -1))
+            self._log(p, b"D", encode_decisions(self._covers.get(p, NO_COVER), now, plan.verdicts))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            fatal("a decided slice of traces could not be written", exc)
+
+    def _stream_now(self, p: int) -> int:
+        """The partition's stream time (its latest input time) plus the time since that input arrived,
+        capped at the wall clock. Deadlines run on it, so a backlog (after a takeover, say) is decided
+        as its spans arrived, not all at once when the wall clock says their wait is over."""
+        stream_ms, at = self._clocks.get(p, (0, 0.0))
+        return min(_now_ms(), stream_ms + int((time.monotonic() - at) * 1000))
+
+    def _adapt(self, spent: float, size: int) -> None:
+        """Size the next slice so that its synchronous work takes about SLICE_SECONDS."""
+        if size < self._slice:
+            return
+        per_trace = spent / max(size, 1)
+        target = int(SLICE_SECONDS / per_trace) if per_trace > 0 else self._slice * 2
+        self._slice = max(16, min(4096, (self._slice + target) // 2))
+
+    # --- outputs, log, takeover --------------------------------------------------------------------
+
+    async def _emit(self, p: int, outputs: list[Output]) -> tuple[int, int]:
+        """Produce and wait for the outputs; the output partition and the offset of the last one."""
+        if not self._out_partitions:
+            self._out_partitions = await self._check_target()
+        out_p = p % self._out_partitions
+        producer = await self.app.maybe_start_producer()
+        futures = [await producer.send(self.target, o.trace_id.hex().encode(), o.value, partition=out_p,
+                                       timestamp=None, headers=output_headers(o.tenant)) for o in outputs]
+        try:
+            sent = await asyncio.gather(*futures)
+        except Exception as exc:
+            fatal(f"sampled traces could not be written to {self.target}", exc)
+            raise
+        labels = self.metrics.stage, "traces"
+        self.metrics.records_out.labels(*labels).inc(len(outputs))
+        self.metrics.items_out.labels(*labels).inc(sum(o.spans for o in outputs))
+        return out_p, max(meta.offset for meta in sent)
+
+    def _log(self, p: int, key: bytes, value: bytes) -> Awaitable[Any]:
+        store = self.table.store
+        store.mark_dirty(p)
+        future = self.table.send_changelog(p, key, value)
+
+        def done(fut: asyncio.Future[Any]) -> None:
+            store.acknowledged(p)
+            if not fut.cancelled() and fut.exception() is not None:
+                fatal("a tail-sampling changelog record was not acknowledged", fut.exception())
+
+        future.add_done_callback(done)
+        return future
+
+    async def _ensure_primed(self, p: int) -> None:
+        generation = self.app.consumer_generation_id
+        if self._primed.get(p) != generation:
+            await self._prime(p)
+            self._primed[p] = generation
+
+    async def _prime(self, p: int) -> None:
+        """Before a partition's first work: note outputs of it that the changelog does not cover."""
+        if not self._out_partitions:
+            self._out_partitions = await self._check_target()
+        state = self.table.store.state(p)
+        tp = TopicPartition(self.target, p % self._out_partitions)
+        consumer = AIOKafkaConsumer(**aiokafka_options(self.topology.kafka), enable_auto_commit=False,
+                                    group_id=None, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            end = (await consumer.end_offsets([tp]))[tp]
+            out_p, out_off = state.meta.cover
+            if out_p == tp.partition and out_off >= 0:
+                start = out_off + 1
+            else:
+                floor = _now_ms() - int(changelog_retention(self.limits).total_seconds() * 1000)
+                found = (await consumer.offsets_for_times({tp: floor}))[tp]
+                start = found.offset if found is not None else end
+            self._covers[p] = (tp.partition, end - 1) if end > 0 else state.meta.cover
+            self._clocks[p] = (state.meta.stream_ms or _now_ms(), time.monotonic())
+            if start >= end:
+                return
+            consumer.seek(tp, start)
+            emitted: dict[bytes, list[bytes]] = {}
+            while await consumer.position(tp) < end:
+                for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
+                    if record.offset < end and record.value:
+                        for tid, ids in traces_of(decode_protobuf(Signal.TRACES, record.value)).items():
+                            if trace_partition(tid, self.partitions) == p:
+                                emitted.setdefault(tid, []).extend(ids)
+        finally:
+            await consumer.stop()
+        if emitted:
+            now, cover = _now_ms(), self._covers[p]
+            plan = state.prime(emitted, now)
+            state.commit(plan, cover)
+            self._log(p, b"P", encode_decisions(cover, now, plan.verdicts, primed=True))
+            self.tail.primed.inc(sum(len(ids) for ids in emitted.values()))
+        log.info("%s[%d]: %d traces found in %d output records past the changelog", self.regrouped, p,
+                 len(emitted), end - start)
+
+    async def _check_target(self) -> int:
+        admin = AIOKafkaAdminClient(**aiokafka_options(self.topology.kafka))
+        await admin.start()
+        try:
+            found = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics([self.target])}
+        finally:
+            await admin.close()
+        if not found.get(self.target):
+            fatal(f"{self.target} does not exist (run `kotel topology apply`)")
+        return found[self.target]
+
+    # --- counters ----------------------------------------------------------------------------------
+
+    def _count(self, plan: Plan) -> None:
+        t = self.tail
+        for (sampled, policy), n in plan.decided.items():
+            decision = "sampled" if sampled else "dropped"
+            t.traces.labels(decision, policy).inc(n)
+            t.spans.labels(decision, policy).inc(plan.decided_spans[sampled, policy])
+        for late in plan.late:
+            decision = "sampled" if late.sampled else "dropped"
+            t.late.labels(decision).inc(late.spans)
+            t.lateness.labels(decision).observe(late.lateness_ms / 1000)
+        for limit, n in plan.truncated.items():
+            t.truncated.labels(limit).inc(n)
+        for reason, n in plan.early.items():
+            t.early.labels(reason).inc(n)
+
+    def _sample(self) -> None:
+        store = self.table.store
+        self.tail.pending.set(sum(store.state(p).meta.pending for p in store.active_partitions()))
+
+
+def bind(app: faust.App, topology: Topology) -> None:
+    """Entry point of `kotel worker tail`: add the tail-sampling agents and table of ``topology``."""
+    TailStage(app, topology).bind()
