@@ -1,4 +1,4 @@
-"""Static checks of docker-compose.yml, deploy/compose.pipeline.yml, their configs and the Dockerfile.
+"""Static checks of docker-compose.yml, its configs and the Dockerfile.
 
 No Docker engine runs here, so the files are parsed with PyYAML and checked for what `docker compose up`
 would only reveal at run time: a dependency typo, a host port published twice, an undeclared volume, a
@@ -23,15 +23,9 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSE, PIPELINE = ROOT / "docker-compose.yml", ROOT / "deploy" / "compose.pipeline.yml"
+COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 KAFKA = "kafka:9092"
-
-# Commands deploy/compose.pipeline.yml uses before the CLI has them (none now: "worker tail" arrived
-# with the tail-sampling issue). Once the CLI accepts one, test_pending_commands_are_not_available_yet
-# fails: delete it here (one line) and its services are checked against the CLI like the others; they
-# may then move into docker-compose.yml.
-PENDING_SUBCOMMANDS: frozenset[str] = frozenset()
 
 CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
 Services = Mapping[str, Mapping[str, Any]]
@@ -221,14 +215,11 @@ def cli_error(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
     return None
 
 
-def check_kotel_commands(services: Services, parser: argparse.ArgumentParser,
-                         pending: frozenset[str] = frozenset()) -> list[str]:
+def check_kotel_commands(services: Services, parser: argparse.ArgumentParser) -> list[str]:
     problems, known = [], subcommands(parser)
     for name, svc in kotel_services(services).items():
         if not (argv := command_of(svc)):
             problems.append(f"service '{name}' has no command, so kotel would only print its help")
-        elif " ".join(argv[:2]) in pending or argv[0] in pending:
-            continue  # arrives with a later issue; test_pending_commands_are_not_available_yet guards it
         elif argv[0] not in known:
             problems.append(f"service '{name}' runs 'kotel {argv[0]}', but the CLI has no such subcommand "
                             f"(it has: {', '.join(sorted(known))})")

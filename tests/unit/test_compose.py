@@ -1,4 +1,4 @@
-"""Static checks of docker-compose.yml, deploy/compose.pipeline.yml, their configs and the Dockerfile.
+"""Static checks of docker-compose.yml, its configs and the Dockerfile.
 
 No Docker engine runs here, so the files are parsed with PyYAML and checked for what `docker compose up`
 would only reveal at run time: a dependency typo, a host port published twice, an undeclared volume, a
@@ -19,8 +19,6 @@ from tests.unit.compose_checks import (
     COMPOSE,
     DOCKERFILE,
     KAFKA,
-    PENDING_SUBCOMMANDS,
-    PIPELINE,
     ROOT,
     HostPort,
     check_depends_on,
@@ -32,7 +30,6 @@ from tests.unit.compose_checks import (
     check_kotel_commands,
     check_ports,
     check_volumes,
-    cli_error,
     host_ports,
     load_compose,
     structural_problems,
@@ -54,28 +51,23 @@ def test_compose_file_is_consistent_on_its_own() -> None:
     assert {"kafka", "kotel-init", "tempo", "prometheus", "loki", "grafana"} <= set(compose["services"])
 
 
-def test_pipeline_file_is_consistent_with_the_compose_file() -> None:
-    base, extra = load_compose(COMPOSE)["services"], load_compose(PIPELINE)["services"]
-    assert set(base) & set(extra) == set(), "a service defined in both files would be merged, not added"
-    assert structural_problems(load_compose(COMPOSE, PIPELINE)) == []
+def test_compose_runs_every_stage_its_topology_needs() -> None:
+    from kotel.topology import load_topology
+
+    services = load_compose(COMPOSE)["services"]
+    gateway = load_topology(ROOT / "topologies" / "compose.yaml").gateway
+    assert gateway is not None and gateway.tail_sampling is not None  # routing reads sampled traces
+    assert {"kotel-agent", "kotel-dedup", "kotel-tail", "kotel-route"} <= set(services)
 
 
 def test_kotel_commands_are_registered_in_the_cli(parser: argparse.ArgumentParser) -> None:
     assert check_kotel_commands(load_compose(COMPOSE)["services"], parser) == []
-    merged = load_compose(COMPOSE, PIPELINE)["services"]
-    assert check_kotel_commands(merged, parser, PENDING_SUBCOMMANDS) == []
-
-
-def test_pending_commands_are_not_available_yet(parser: argparse.ArgumentParser) -> None:
-    available = [cmd for cmd in PENDING_SUBCOMMANDS
-                 if cli_error(parser, [*cmd.split(), "--topology", "t.yaml"]) is None]
-    assert not available, f"kotel {available} exist now: remove them from PENDING_SUBCOMMANDS"
 
 
 def test_kotel_services_reach_kafka_through_a_valid_topology() -> None:
     from kotel.topology import load_topology
 
-    assert check_kafka_target(load_compose(COMPOSE, PIPELINE)["services"], ROOT, load_topology) == []
+    assert check_kafka_target(load_compose(COMPOSE)["services"], ROOT, load_topology) == []
 
 
 def test_dockerfile_installs_kotel_on_python_311_and_runs_it_unprivileged() -> None:
@@ -197,8 +189,8 @@ def test_unknown_or_malformed_kotel_commands_are_reported() -> None:
                 "typo": {"build": ".", "command": "topology apply /etc/t.yaml --dry-rn"},
                 "no-file": {"build": ".", "command": ["topology", "apply"]},
                 "agent": {"build": ".", "command": ["agent", "--topology", "/t.yaml"]},
-                "sink": {"build": ".", "command": ["sink", "loki"]}, "idle": {"build": "."}}
-    assert check_kotel_commands(services, cli, frozenset({"sink"})) == [
+                "idle": {"build": "."}}
+    assert check_kotel_commands(services, cli) == [
         "service 'typo' runs 'kotel topology apply /etc/t.yaml --dry-rn', which the CLI rejects: "
         "unrecognized arguments: --dry-rn",
         "service 'no-file' runs 'kotel topology apply', which the CLI rejects: "
