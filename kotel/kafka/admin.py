@@ -6,6 +6,7 @@ partitions and breaks the per-``service.instance.id`` order that dedup and sinks
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -103,4 +104,19 @@ def create_topics(admin: AdminClient, topics: list[ResolvedTopic], timeout: floa
         except KafkaException as exc:
             if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                 raise
+    return created
+
+
+def ensure_topic(admin: AdminClient, topic: ResolvedTopic, timeout: float = 30.0) -> bool:
+    """Create ``topic`` if missing and wait until the cluster's metadata lists it; True if it was created.
+
+    A worker must do this before it joins its consumer group: a topic created after the group's first
+    assignment is left out of it until the next rebalance.
+    """
+    created = bool(create_topics(admin, [topic], timeout=timeout))
+    deadline = time.monotonic() + timeout
+    while topic.name not in admin.list_topics(timeout=timeout).topics:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topic {topic.name} is not in the cluster's metadata after {timeout:.0f} s")
+        time.sleep(0.1)
     return created

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,7 +33,11 @@ def span_id(run_tag: int, seq: int) -> bytes:
 
 
 def trace_id(prefix: bytes, run_tag: int, trace_seq: int) -> bytes:
-    return prefix + ((run_tag << _SEQ_BITS) | trace_seq).to_bytes(8, "big")
+    """Unique and random-looking, as W3C trace ids are: the Collector's probabilistic policy hashes them
+    with FNV-1a, whose top bits barely move when only the last bytes vary (a counter there would make it
+    keep all or none of a run's traces). Nothing decodes it; spans carry the identities."""
+    return hashlib.blake2b(prefix + ((run_tag << _SEQ_BITS) | trace_seq).to_bytes(8, "big"),
+                           digest_size=16).digest()
 
 
 def metric_key(time_ms: int, series: int, series_count: int) -> int:

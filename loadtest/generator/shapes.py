@@ -166,7 +166,9 @@ class Shapes:
             duration = int(threshold_ns * rng.uniform(1.2, 3.0))
         else:
             duration = min(int(rng.lognormvariate(0, 0.8) * shape.median_ms * 1e6), int(threshold_ns * 0.8))
-        error = rng.random() < shape.error_share
+        # Warm-up traces are errors, so the errors policy keeps them and the warm-up reaches the archive
+        # however few traces it has (a sampled-out warm-up would look like a stalled pipeline).
+        error = warmup or rng.random() < shape.error_share
         flags = base | (SLOW if slow else 0) | (ERROR if error else 0)
         # nodes: (parent index, service, depth, start, end)
         nodes = [(-1, 0, 0, end - duration, end)]

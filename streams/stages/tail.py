@@ -33,9 +33,11 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from confluent_kafka.admin import AdminClient
 from faust.types import EventT, StreamT
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from kotel.kafka.admin import ensure_topic
 from kotel.otlp import OtlpDecodeError, Signal, decode_protobuf, validate_request
 from kotel.topology import Topology
 from streams.app import OffsetGuard, OrderedAcks, aiokafka_options, fatal, metrics_of
@@ -127,6 +129,11 @@ class TailStage:
 
     def bind(self) -> None:
         app = self.app
+        # Faust would create the repartition topic only when its agent starts, after the group's first
+        # assignment, which then leaves it out: nothing would ever be buffered. Create it first.
+        topics = self.topology.topics
+        ensure_topic(AdminClient(self.topology.kafka.librdkafka_config()),
+                     topics.resolve(self.regrouped, topics.deduped, "traces"))
         app.tables.add(self.table)
         source = app.topic(self.source, key_type=bytes, value_type=bytes)
         regrouped = app.topic(self.regrouped, key_type=bytes, value_type=bytes, partitions=self.partitions,
