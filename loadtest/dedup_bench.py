@@ -1,15 +1,17 @@
 """Throughput and memory of one dedup worker against a live broker.
 
 Run: .venv/bin/python -m loadtest.dedup_bench [--bootstrap 127.0.0.1:9092] [--spans 600000]
-     [--batch 1000] [--rate 50000] [--window 300] [--memory-deadline 900] [--skip-throughput]
-     [--skip-memory]
+     [--batch 1000] [--instances 16] [--small] [--rate 50000] [--window 300] [--memory-deadline 900]
+     [--skip-throughput] [--skip-memory]
 Needs a running broker (`kotel kafka start`). Each phase uses fresh topics and a fresh worker started as
 `kotel worker dedup` (a child process), fed with realistic spans (samples.traces: HTTP/DB attributes,
 2 scopes, start times out of order, 16 service instances = 16 keys, 5 % of the records re-sent as they
 were, as a retrying client would).
 
-1. Throughput: the whole backlog is produced first, then the worker drains it; spans/s comes from the
-   worker's own counters between its first and its last processed record, with its CPU and RSS.
+1. Throughput: the whole backlog is produced first, then the worker drains it; spans/s and records/s
+   come from the worker's own counters between its first and its last processed record, with its CPU
+   and RSS. ``--small`` is the agent's shape under load: 10 spans per record over 48 service instances
+   (one record per instance per 5 ms batch), where per-record costs dominate.
 2. Memory: a full window of --rate x --window identities (15M by default), produced first with record
    times spread over the window, then drained; the worker's RSS, the identities held and the store's
    disk use are sampled every 10 s (the target is 15M identities within 512 MiB RSS). Bounded by
@@ -54,9 +56,9 @@ INSTANCES = 16
 class Records:
     """Pre-encoded records whose trace ids are rewritten per record, so every span is new and cheap."""
 
-    def __init__(self, spans_per_record: int) -> None:
+    def __init__(self, spans_per_record: int, instances: int = INSTANCES) -> None:
         self.templates: list[tuple[bytes, np.ndarray, np.ndarray]] = []
-        for seed in range(INSTANCES):
+        for seed in range(instances):
             request = samples.traces(spans_per_record, services=1, seed=seed)
             wire = request.SerializeToString()
             spans = [s for ss in request.resource_spans[0].scope_spans for s in ss.spans]
@@ -69,7 +71,7 @@ class Records:
 
     def next(self) -> tuple[bytes, bytes]:
         self.counter += 1
-        key, buffer, offsets = self.templates[self.counter % INSTANCES]
+        key, buffer, offsets = self.templates[self.counter % len(self.templates)]
         stamp = np.frombuffer(self.counter.to_bytes(8, "big"), dtype=np.uint8)
         buffer[(offsets[:, None] + self._where).ravel()] = np.tile(stamp, len(offsets))
         return key, buffer.tobytes()
@@ -185,7 +187,7 @@ def disk_bytes(path: Path) -> int:
 
 def throughput(args: argparse.Namespace, work: Path) -> None:
     topology, topic = setup(args.bootstrap, work, "5m", args.partitions)
-    records = Records(args.batch)
+    records = Records(args.batch, args.instances)
     count = args.spans // args.batch
     started = time.monotonic()
     total = produce(args.bootstrap, topic, records, count)
@@ -198,22 +200,30 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
     try:
         while True:
             done = worker.metric("kotel_stage_items_in_total")
+            done_records = worker.metric("kotel_stage_records_in_total")
             now, cpu = time.monotonic(), worker.proc.cpu_times()
             peak_rss = max(peak_rss, worker.proc.memory_info().rss)
             if done and first is None:
-                first = (now, done, cpu.user + cpu.system)
+                first = (now, done, cpu.user + cpu.system, done_records)
             if done >= total or worker.process.poll() is not None:
                 break
             time.sleep(0.25)
         assert first is not None
         elapsed, spent = now - first[0], cpu.user + cpu.system - first[2]
         rate = (done - first[1]) / elapsed if elapsed else float("nan")
-        out = worker.metric("kotel_stage_items_out_total")
-        dups = worker.metric("kotel_stage_duplicate_items_total")
+        settle = time.monotonic() + 30  # items are counted out once their outputs are acknowledged
+        while True:
+            out = worker.metric("kotel_stage_items_out_total")
+            dups = worker.metric("kotel_stage_duplicate_items_total")
+            if out + dups >= done or time.monotonic() > settle or worker.process.poll() is not None:
+                break
+            time.sleep(0.25)
         threads = sorted(worker.proc.threads(), key=lambda t: -(t.user_time + t.system_time))[:4]
         busiest = ", ".join(f"{t.user_time + t.system_time:.1f}" for t in threads)
         print("  busiest worker threads (CPU s):", busiest)
-        print(f"throughput: {rate:,.0f} spans/s ({done - first[1]:,.0f} spans in {elapsed:.1f} s), "
+        records_rate = (done_records - first[3]) / elapsed if elapsed else float("nan")
+        print(f"throughput: {rate:,.0f} spans/s = {records_rate:,.0f} records/s of {args.batch} spans "
+              f"({done - first[1]:,.0f} spans in {elapsed:.1f} s), "
               f"worker CPU {spent / elapsed:.0%} of a core = {(done - first[1]) / max(spent, 1e-9):,.0f} "
               f"spans per CPU-second; out {out:,.0f}, duplicates {dups:,.0f}; peak RSS "
               f"{peak_rss / 2**20:.0f} MiB; load {load()}")
@@ -274,6 +284,9 @@ def main() -> None:
     parser.add_argument("--bootstrap", default=os.environ.get("KOTEL_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
     parser.add_argument("--spans", type=int, default=600_000, help="backlog of the throughput phase")
     parser.add_argument("--batch", type=int, default=1000, help="spans per record")
+    parser.add_argument("--instances", type=int, default=INSTANCES, help="service instances = keys")
+    parser.add_argument("--small", action="store_true",
+                        help="small records: --batch 10 --instances 48 (and --spans 300000 unless given)")
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--rate", type=int, default=50_000, help="spans/s the memory phase's window holds")
     parser.add_argument("--window", type=int, default=300, help="dedup window of the memory phase, s")
@@ -281,6 +294,9 @@ def main() -> None:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
+    if args.small:
+        args.batch, args.instances = 10, 48
+        args.spans = 300_000 if "--spans" not in sys.argv else args.spans
     with tempfile.TemporaryDirectory(prefix="kotel-dedup-bench-") as tmp:
         work = Path(tmp)
         if not args.skip_throughput:

@@ -180,15 +180,24 @@ def metrics_of(app: faust.App) -> WorkerMetrics:
 
 @dataclass(slots=True)
 class Pending:
-    """An input event waiting for its outputs; ``payload`` is whatever the stage needs afterwards."""
+    """Input events waiting for their outputs; ``payload`` is whatever the stage needs afterwards.
+
+    ``event`` is the last (or only) event; ``earlier`` holds a batch's events before it, in order.
+    """
 
     event: EventT
     futures: Sequence[Awaitable[Any]]
     payload: Any = None
     done: bool = field(default=False)
+    earlier: tuple[EventT, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return len(self.earlier) + 1
 
 
-OnDelivered = Callable[[list[Pending]], Awaitable[None]]
+# May return more futures (e.g. the state's changelog writes) that must succeed before the acks.
+OnDelivered = Callable[[list[Pending]], Awaitable["Sequence[Awaitable[Any]] | None"]]
 
 
 def fatal(message: str, exc: BaseException | None = None) -> None:
@@ -202,8 +211,10 @@ class OrderedAcks:
     """Acks input events in consumption order once their outputs' delivery futures succeeded.
 
     Outputs are produced without waiting (the producer batches them); this queue waits for the
-    acknowledgements, runs ``on_delivered`` on each group of finished events (a stage writes its state
-    there), then acks them. ``max_in_flight`` bounds the events submitted but not yet acked.
+    acknowledgements, runs ``on_delivered`` on each group of finished entries (a stage writes its state
+    there), then acks their events. Futures ``on_delivered`` returns (state written to a changelog) are
+    awaited by a second, ordered stage before the acks, so the next group need not wait for them.
+    ``max_in_flight`` bounds the events submitted but not yet acked.
     """
 
     def __init__(self, stream: StreamT, on_delivered: OnDelivered | None = None,
@@ -212,20 +223,33 @@ class OrderedAcks:
         self._on_delivered = on_delivered
         self._max = max_in_flight
         self._queue: deque[Pending] = deque()
+        self._acking: deque[tuple[list[Pending], asyncio.Future[Any] | None]] = deque()
+        self._count = 0  # events submitted, not yet acked
         self._wake = asyncio.Event()
+        self._acking_wake = asyncio.Event()
         self._space = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        self._ack_task: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return self._count
 
     async def submit(self, event: EventT, futures: Sequence[Awaitable[Any]], payload: Any = None) -> None:
-        while len(self._queue) >= self._max:
+        await self.submit_many([event], futures, payload)
+
+    async def submit_many(self, events: Sequence[EventT], futures: Sequence[Awaitable[Any]],
+                          payload: Any = None) -> None:
+        """One entry for a batch of events (in consumption order): acked together once ``futures`` and
+        the state written for ``payload`` succeeded; ``on_delivered`` sees it as one `Pending`."""
+        if not events:
+            raise ValueError("submit_many needs at least one event")
+        while self._count >= self._max:
             self._space.clear()
             await self._space.wait()
-        self._queue.append(Pending(event, futures, payload))
+        self._queue.append(Pending(events[-1], futures, payload, earlier=tuple(events[:-1])))
+        self._count += len(events)
         self._idle.clear()
         self._wake.set()
         if self._task is None or self._task.done():
@@ -239,7 +263,6 @@ class OrderedAcks:
         try:
             while True:
                 if not self._queue:
-                    self._idle.set()
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -247,12 +270,35 @@ class OrderedAcks:
                 group = []
                 while self._queue and all(_succeeded(f) for f in self._queue[0].futures):
                     group.append(self._queue.popleft())
-                if self._on_delivered is not None:
-                    await self._on_delivered(group)
+                more = await self._on_delivered(group) if self._on_delivered is not None else None
+                self._acking.append((group, asyncio.gather(*more) if more else None))
+                self._acking_wake.set()
+                if self._ack_task is None or self._ack_task.done():
+                    self._ack_task = asyncio.ensure_future(self._ack_run())
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            fatal("an input record could not be finished (outputs or state not acknowledged)", exc)
+
+    async def _ack_run(self) -> None:
+        try:
+            while True:
+                if not self._acking:
+                    self._acking_wake.clear()
+                    await self._acking_wake.wait()
+                    continue
+                group, state = self._acking[0]
+                if state is not None:
+                    await state
+                self._acking.popleft()
                 for pending in group:
                     pending.done = True
-                    await self._stream.ack(pending.event)
+                    for event in (*pending.earlier, pending.event):
+                        await self._stream.ack(event)
+                    self._count -= pending.size
                 self._space.set()
+                if not self._count:
+                    self._idle.set()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

@@ -10,13 +10,18 @@ spans inside a scope keeps every length, so the rebuilt view is the same bytes i
 
 Anything else (other field orders, a missing start time, multi-byte lengths before the start time, odd
 id lengths, all-zero ids) makes `read_spans` answer None and the caller takes the decoded path, which
-validates. Span contents past the start time are not parsed here.
+validates. Past the start time only the framing of each span's fields is checked (`read_many`), so a
+structurally broken record takes the decoded path too, where it fails and is dead-lettered; the
+contents of well-framed fields (attribute values, events) are left to the next stage's parse. A batch
+of records costs one upb call per view and one numpy pass: per-record numpy overhead (~150 us) would
+otherwise dominate small records.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -28,29 +33,45 @@ _PACKAGE = "kotel.spanwire"
 _T = descriptor_pb2.FieldDescriptorProto
 
 
-def _view_classes() -> type[Message]:
-    """Request -> resources -> scopes -> spans as bytes; field numbers are those of the OTLP messages."""
+def _view_classes() -> tuple[type[Message], type[Message]]:
+    """Two views of a batch of requests (each one field 1 of a wrapper), field numbers those of OTLP.
+
+    The read view stops at spans, kept as bytes. The check view goes one level further, to span
+    messages with no declared field: upb then walks every field of every span as an unknown field
+    (tags, varints, lengths within bounds) and fails on broken framing, at about 0.2 us per span.
+    """
     proto = descriptor_pb2.FileDescriptorProto(name="kotel/spanwire.proto", package=_PACKAGE, syntax="proto3")
     for name, field, number, kind, child in (
+        ("BatchView", "requests", 1, _T.TYPE_MESSAGE, "RequestView"),
         ("RequestView", "resource_spans", 1, _T.TYPE_MESSAGE, "ResourceView"),
         ("ResourceView", "scope_spans", 2, _T.TYPE_MESSAGE, "ScopeView"),
         ("ScopeView", "spans", 2, _T.TYPE_BYTES, None),
+        ("BatchCheck", "requests", 1, _T.TYPE_MESSAGE, "RequestCheck"),
+        ("RequestCheck", "resource_spans", 1, _T.TYPE_MESSAGE, "ResourceCheck"),
+        ("ResourceCheck", "scope_spans", 2, _T.TYPE_MESSAGE, "ScopeCheck"),
+        ("ScopeCheck", "spans", 2, _T.TYPE_MESSAGE, "SpanCheck"),
+        ("SpanCheck", None, 0, 0, None),
     ):
         message = proto.message_type.add(name=name)
+        if field is None:
+            continue
         fd = message.field.add(name=field, number=number, label=_T.LABEL_REPEATED, type=kind)
         if child:
             fd.type_name = f".{_PACKAGE}.{child}"
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.RequestView"))
+    get = message_factory.GetMessageClass
+    return get(pool.FindMessageTypeByName(f"{_PACKAGE}.BatchView")), get(
+        pool.FindMessageTypeByName(f"{_PACKAGE}.BatchCheck"))
 
 
-_RequestView = _view_classes()
+_BatchView, _BatchCheck = _view_classes()
 _TRACE = np.arange(2, 18)
 _SPAN = np.arange(20, 28)
 _STAMP = np.arange(1, 9)
 _START_TAG = 0x39  # field 7, fixed64
 _HEAD = 28  # 0a 10 <trace id> 12 08 <span id>
+_NUMPY_FROM = 128  # spans in a batch from which numpy beats a loop (~1 ms fixed cost on a busy host)
 _MAX_FIELDS = 16  # fields 3-6 may repeat (unknown to us); past this many, take the decoded path
 
 
@@ -100,59 +121,120 @@ class WireSpans:
 
 def read_spans(wire: bytes) -> WireSpans | None:
     """The spans of an OTLP/protobuf ExportTraceServiceRequest, or None if the decoded path must do it."""
+    return read_many([wire])[0]
+
+
+def _wrap(values: Sequence[bytes]) -> bytes:
+    """The values as field 1 of one wrapper message: one upb call parses a whole batch."""
+    return b"".join(b"\x0a" + _varint(len(value)) + value for value in values)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _framed(values: Sequence[bytes]) -> list[bool]:
+    """Whether each value's framing is sound down to every field of every span (one call if all are)."""
     try:
-        view = _RequestView.FromString(wire)
+        _BatchCheck.FromString(_wrap(values))
+        return [True] * len(values)
     except DecodeError:
-        return None
-    groups = [list(scope.spans) for resource in view.resource_spans  # type: ignore[attr-defined]
-              for scope in resource.scope_spans]
-    flat = [span for spans in groups for span in spans]
-    if not flat:
-        return WireSpans(view, groups, b"", [])
-    found = _material(flat)
-    if found is None:
-        return None
-    material, starts = found
-    return WireSpans(view, groups, material.tobytes(), starts.tolist())
+        if len(values) == 1:
+            return [False]
+    return [_framed([value])[0] for value in values]
 
 
-def _material(spans: list[bytes]) -> tuple[np.ndarray, np.ndarray] | None:
-    """Identity material and start times of every span at once (numpy), or None off the common layout."""
+def read_many(values: Sequence[bytes]) -> list[WireSpans | None]:
+    """`read_spans` for a batch of records: one framing check, one view parse, one numpy pass in all."""
+    todo = [i for i, sound in enumerate(_framed(values)) if sound]
+    found: list[WireSpans | None] = [None] * len(values)
+    if not todo:
+        return found
+    views = _BatchView.FromString(_wrap([values[i] for i in todo])).requests  # type: ignore[attr-defined]
+    records = [[list(scope.spans) for resource in view.resource_spans for scope in resource.scope_spans]
+               for view in views]
+    flat = [span for groups in records for spans in groups for span in spans]
+    material, starts, bad = (_material if len(flat) >= _NUMPY_FROM else _material_loop)(flat)
+    bad_before = [0, *accumulate(bad)]  # bad spans before each position
+    pos = 0
+    for i, view, groups in zip(todo, views, records, strict=True):
+        end = pos + sum(map(len, groups))
+        if bad_before[end] == bad_before[pos]:
+            chunk = material[pos * MATERIAL_SIZE:end * MATERIAL_SIZE]
+            found[i] = WireSpans(view, groups, chunk, starts[pos:end])
+        pos = end
+    return found
+
+
+def _material_loop(spans: list[bytes]) -> tuple[bytes, list[int], list[bool]]:
+    """`_material` one span at a time: for a few spans, cheaper than numpy's fixed cost per call."""
+    material, starts, bad = [], [], []
+    for span in spans:
+        found = _one_material(span)
+        bad.append(found is None)
+        material.append(found or bytes(MATERIAL_SIZE))
+        starts.append(int.from_bytes(found[24:32], "little") if found else 0)
+    return b"".join(material), starts, bad
+
+
+def _one_material(span: bytes) -> bytes | None:
+    n = len(span)
+    if n < _HEAD + 9 or span[0] != 0x0A or span[1] != 0x10 or span[18] != 0x12 or span[19] != 0x08:
+        return None
+    at = _HEAD
+    for _ in range(_MAX_FIELDS):
+        tag = span[at]
+        if tag == _START_TAG:
+            break
+        kind, length = tag & 7, span[at + 1]
+        if tag < 0x18 or tag > _START_TAG or kind in (3, 4, 6, 7) or (kind in (0, 2) and length >= 0x80):
+            return None
+        at += 2 + length if kind == 2 else 9 if kind == 1 else 5 if kind == 5 else 2
+        if at + 9 > n:
+            return None
+    if span[at] != _START_TAG or not any(span[2:18]) or not any(span[20:28]):
+        return None
+    return span[2:18] + span[20:28] + span[at + 1:at + 9] + b"\x10\x08"
+
+
+def _material(spans: list[bytes]) -> tuple[bytes, list[int], list[bool]]:
+    """Identity material and start times of every span at once (numpy), and which spans are off the
+    common layout (their material is meaningless)."""
     buf = np.frombuffer(b"".join(spans), np.uint8)
+    last = len(buf) - 1
     lens = np.fromiter(map(len, spans), np.int64, len(spans))
     pos = np.zeros(len(spans), np.int64)
     np.cumsum(lens[:-1], out=pos[1:])
     end = pos + lens
-    if (lens < _HEAD + 9).any():
-        return None
-    if not ((buf[pos] == 0x0A) & (buf[pos + 1] == 0x10) & (buf[pos + 18] == 0x12)
-            & (buf[pos + 19] == 0x08)).all():
-        return None
+    bad = lens < _HEAD + 9
+    head = np.minimum(pos[:, None] + np.array([0, 1, 18, 19]), last)
+    bad |= (buf[head] != np.array([0x0A, 0x10, 0x12, 0x08], np.uint8)).any(axis=1)
     at = pos + _HEAD
-    last = len(buf) - 1
     for _ in range(_MAX_FIELDS):
         tags = buf[np.minimum(at, last)]
-        todo = np.flatnonzero(tags != _START_TAG)
+        todo = np.flatnonzero((tags != _START_TAG) & ~bad)
         if not len(todo):
             break
         tag, here = tags[todo], at[todo]
         kind = tag & 7
         length = buf[np.minimum(here + 1, last)].astype(np.int64)
         # Single-byte tags of fields 3-6 only: a later field first means another layout (or no start).
-        if ((tag < 0x18) | (tag >= _START_TAG) | (kind == 3) | (kind == 4) | (kind == 6) | (kind == 7)
-                | (((kind == 0) | (kind == 2)) & (length >= 0x80))).any():
-            return None
+        bad[todo] |= ((tag < 0x18) | (tag >= _START_TAG) | (kind == 3) | (kind == 4) | (kind == 6)
+                      | (kind == 7) | (((kind == 0) | (kind == 2)) & (length >= 0x80)))
         at[todo] = here + np.where(kind == 2, 2 + length, np.where(kind == 1, 9, np.where(kind == 5, 5, 2)))
-        if (at + 9 > end).any():
-            return None
-    else:
-        return None
+        bad |= at + 9 > end
+    bad |= buf[np.minimum(at, last)] != _START_TAG  # still no start time after _MAX_FIELDS fields
+    at = np.clip(at, 0, max(0, len(buf) - 9))
     material = np.empty((len(spans), MATERIAL_SIZE), np.uint8)
-    material[:, :16] = buf[pos[:, None] + _TRACE]
-    material[:, 16:24] = buf[pos[:, None] + _SPAN]
+    material[:, :16] = buf[np.minimum(pos[:, None] + _TRACE, last)]
+    material[:, 16:24] = buf[np.minimum(pos[:, None] + _SPAN, last)]
     material[:, 24:32] = buf[at[:, None] + _STAMP]
     material[:, 32], material[:, 33] = 16, 8
-    if not material[:, :16].any(axis=1).all() or not material[:, 16:24].any(axis=1).all():
-        return None  # an all-zero id: the decoded path validates and dead-letters
+    bad |= ~material[:, :16].any(axis=1) | ~material[:, 16:24].any(axis=1)  # all-zero ids: decoded path
     starts = np.ascontiguousarray(material[:, 24:32]).view("<u8").ravel()
-    return material, starts
+    return material.tobytes(), starts.tolist(), bad.tolist()

@@ -1,4 +1,6 @@
-"""Dedup without a broker: identities, per-item dedup, order, the RocksDB window store, ordered acks."""
+"""Dedup without a broker: identities, per-item dedup, order, the RocksDB window store, ordered acks.
+
+The wire formats (spans on the wire, changelog records) are tested in test_dedup_wire.py."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+import numpy as np
 import pytest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValueList
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
@@ -15,11 +18,10 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 import streams.app
-from kotel.otlp import OtlpDecodeError, Signal, count_items, decode_protobuf, samples
-from kotel.otlp.sizing import encode_varint
+from kotel.otlp import Signal, count_items
 from streams.app import OrderedAcks
-from streams.stages.dedup import SeenTable, decode_changelog, encode_changelog
-from streams.stages.dedup_core import apply_keep, dedup_request, identify, identify_record
+from streams.stages.dedup_core import apply_keep, dedup_request, identify
+from streams.stages.dedup_store import BucketFilter, SeenTable
 from tests.unit.otlp_builders import build, items, kvs
 
 RES = {"service.name": "shop", "service.instance.id": "shop-1"}
@@ -256,72 +258,7 @@ def test_apply_keep_checks_the_flag_count() -> None:
         apply_keep(Signal.TRACES, traces(1, 2, 3), [True, False])
 
 
-# --- changelog records and the RocksDB window store ---------------------------------------------------
-
-
-# --- the wire path (identify_record) ---------------------------------------------------------------
-
-
-def test_wire_path_reads_and_rebuilds_like_the_decoded_path() -> None:
-    value = samples.traces(300, services=3, seed=5).SerializeToString()  # start times out of order
-    record = identify_record(Signal.TRACES, value)
-    decoded = decode_protobuf(Signal.TRACES, value)
-    expected = identify(Signal.TRACES, decoded)
-    assert record.wire is not None and record.request is None
-    assert record.items.ids == expected.ids and record.items.unordered == expected.unordered
-    keep = [random.Random(n).random() < 0.6 for n in range(len(expected.ids))]
-    out = record.output(Signal.TRACES, keep)
-    assert out is not None
-    assert decode_protobuf(Signal.TRACES, out) == apply_keep(Signal.TRACES, decoded, keep, expected)
-    assert record.output(Signal.TRACES, [False] * len(keep)) is None
-
-
-def test_wire_path_returns_an_ordered_all_new_record_as_is() -> None:
-    value = build(Signal.TRACES, (RES, [spans(1, 2, 3)])).SerializeToString()
-    record = identify_record(Signal.TRACES, value)
-    assert record.wire is not None and record.output(Signal.TRACES, [True] * 3) is value
-    with pytest.raises(ValueError, match=r"^keep has 2 flags but the record has 3 items$"):
-        record.output(Signal.TRACES, [True, True])
-
-
-def _framed(tag: bytes, body: bytes) -> bytes:
-    return tag + encode_varint(len(body)) + body
-
-
-def _off_layout(case: str) -> bytes:
-    span = spans(5)[0]
-    if case == "ids last":  # valid protobuf, fields out of the usual order
-        raw = span.SerializeToString()
-        return _framed(b"\x0a", _framed(b"\x12", _framed(b"\x12", raw[28:] + raw[:28])))
-    if case == "no start time":
-        span.start_time_unix_nano = 0
-    elif case == "long name":
-        span.name = "n" * 200
-    elif case == "zero trace id":
-        span.trace_id = bytes(16)
-    return build(Signal.TRACES, (RES, [[span]])).SerializeToString()
-
-
-@pytest.mark.parametrize("case", ["ids last", "no start time", "long name", "zero trace id"])
-def test_spans_off_the_usual_layout_take_the_decoded_path(case: str) -> None:
-    value = _off_layout(case)
-    record = identify_record(Signal.TRACES, value)
-    assert record.wire is None and record.request is not None
-    assert record.items.ids == identify(Signal.TRACES, decode_protobuf(Signal.TRACES, value)).ids
-    assert record.items.suspect is (case == "zero trace id")
-
-
-def test_wire_path_rejects_bytes_that_are_not_a_request() -> None:
-    with pytest.raises(OtlpDecodeError, match=r"^invalid OTLP/protobuf ExportTraceServiceRequest: malformed "
-                       r"wire format \(truncated, or not a protobuf message\)$"):
-        identify_record(Signal.TRACES, b"\x0a\x05abc")
-
-
-def test_changelog_record_round_trip() -> None:
-    ids = [bytes([i]) * 16 for i in range(3)]
-    assert decode_changelog(encode_changelog(1234, (2, 99), ids)) == (1234, 2, 99, ids)
-    assert decode_changelog(b"short")[0] == -1
-    assert decode_changelog(encode_changelog(1, (0, 0), ids) + b"x")[0] == -1
+# --- the RocksDB window store and its Bloom filters ---------------------------------------------------
 
 
 @pytest.fixture
@@ -344,22 +281,56 @@ def test_store_window_is_exact_and_old_buckets_are_dropped(store: Any) -> None:
     assert not store._parts[0].buckets  # the bucket fell out: dropped with its files
 
 
-def test_store_recovers_from_changelog_records(store: Any) -> None:
-    class Msg:
-        def __init__(self, offset: int, value: bytes) -> None:
-            self.tp, self.partition, self.offset, self.value = ("cl", 1), 1, offset, value
+class CountingBucket:
+    """A bucket's column family that counts the identities asked of RocksDB."""
 
-    class Event:
-        def __init__(self, offset: int, value: bytes) -> None:
-            self.message = Msg(offset, value)
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.asked = inner, 0
 
-    t0 = 2_000_000_000_000
-    ids = [bytes([i]) * 16 for i in range(3)]
-    store.set_persisted_offset = lambda tp, offset: None
-    store.apply_changelog_batch([Event(0, encode_changelog(t0, (1, 7), ids[:2])), Event(1, b"garbage")],
-                                None, None)
-    assert store.lookup(1, ids, t0 + 1) == [True, True, False]
-    assert store.last_output(1) == (1, 7)
+    def get(self, keys: list[bytes]) -> Any:
+        self.asked += len(keys)
+        return self.inner.get(keys)
+
+
+def test_lookup_batch_judges_each_record_at_its_own_stream_time(store: Any) -> None:
+    a, b = bytes([1]) * 16, bytes([2]) * 16
+    t0 = 1_000_000_009_000
+    store.remember(0, [a], t0, None)
+    # Record 0 at t0 + 9999 sees a within the window; record 1 at t0 + 25000 moves stream time past it.
+    assert store.lookup_batch(0, [a, a, b], [1, 3], [t0 + 9_999, t0 + 25_000]) == [True, False, False]
+    assert store.lookup(0, [a], t0 + 25_000) == [False]
+
+
+def test_bloom_filters_keep_misses_away_from_rocksdb_without_false_negatives(store: Any) -> None:
+    rng = random.Random(3)
+    stored = [rng.randbytes(16) for _ in range(5000)]
+    absent = [rng.randbytes(16) for _ in range(5000)]
+    t0 = 1_000_000_000_000
+    store.remember(0, stored, t0, None)
+    part = store._parts[0]
+    (index,) = part.buckets
+    counting = part.buckets[index] = CountingBucket(part.buckets[index])
+    assert store.lookup(0, absent, t0 + 1) == [False] * 5000
+    assert counting.asked < 100  # ~1 % false positives reach RocksDB
+    assert store.lookup(0, stored, t0 + 1) == [True] * 5000
+
+
+def test_bloom_filter_memory_is_bounded_and_a_bucket_past_it_is_unfiltered(tmp_path: Path) -> None:
+    filt, budget = BucketFilter(), [800 << 10]
+    words = np.frombuffer(random.Random(4).randbytes(16 * 300_000), "<u8").reshape(-1, 2)
+    assert filt.add(words[:190_000], budget)
+    assert filt.maybe(words[:190_000]).all() and filt.maybe(words[190_000:]).mean() < 0.03
+    assert len(filt.layers) == 2 and budget[0] == (800 - 384) << 10  # 64k + 128k identities in 384 KiB
+    assert not filt.add(words[190_000:], budget)  # a third layer (512 KiB) would pass the budget
+    app = faust.App("dedup-unit-budget", store="rocksdb://", datadir=str(tmp_path))
+    table = SeenTable(app, name="seen", window_ms=10_000, partitions=1, key_type=bytes, value_type=bytes)
+    table.store._budget[0] = 1000  # less than one layer: every bucket is unfiltered
+    rng = random.Random(5)
+    ids = [rng.randbytes(16) for _ in range(101)]
+    table.store.remember(0, ids[:100], 1_000_000_000_000, None)
+    assert table.store.lookup(0, ids, 1_000_000_000_001) == [True] * 100 + [False]
+    assert not table.store._parts[0].filters
+    table.store._parts.clear()
 
 
 # --- ordered acks ------------------------------------------------------------------------------------
@@ -405,3 +376,30 @@ async def test_a_failed_output_ends_the_worker_without_acking(monkeypatch: pytes
     await asyncio.sleep(0.05)
     assert stream.acked == [] and ended == ["RuntimeError('broker said no')"]
 
+
+
+async def test_a_batch_is_acked_after_its_state_without_holding_up_the_next() -> None:
+    stream, calls = FakeStream(), []
+    loop = asyncio.get_running_loop()
+    states = [loop.create_future(), loop.create_future()]
+
+    async def on_delivered(group: list[Any]) -> list[Any]:
+        calls.append([(p.earlier, p.event, p.payload) for p in group])
+        return [states[len(calls) - 1]]
+
+    acks = OrderedAcks(stream, on_delivered, max_in_flight=8)  # type: ignore[arg-type]
+    first, second = loop.create_future(), loop.create_future()
+    await acks.submit_many(["e1", "e2", "e3"], [first], "batch-1")
+    first.set_result(None)
+    await asyncio.sleep(0.05)
+    await acks.submit_many(["e4"], [second], "batch-2")
+    second.set_result(None)
+    await asyncio.sleep(0.05)
+    assert calls == [[(("e1", "e2"), "e3", "batch-1")], [((), "e4", "batch-2")]]  # not held up
+    assert stream.acked == [] and len(acks) == 4  # neither batch's state is acknowledged yet
+    states[1].set_result(None)
+    await asyncio.sleep(0.05)
+    assert stream.acked == []  # in order: batch 1 first
+    states[0].set_result(None)
+    await asyncio.wait_for(acks.drained(), 1)
+    assert stream.acked == ["e1", "e2", "e3", "e4"] and len(acks) == 0
