@@ -209,7 +209,8 @@ async def servers() -> AsyncIterator[Servers]:
     await grpc_rx.start()
     await http_rx.start()
     try:
-        async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+        # Generous timeouts: an answer is what is checked, and a loaded 2-core CI machine can be slow.
+        async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
                     grpc.aio.insecure_channel(f"127.0.0.1:{grpc_rx.port}") as channel):
             yield Servers(grpc_rx, http_rx, session, channel, exported)
     finally:
@@ -240,7 +241,7 @@ async def _post(s: Servers, signal: Signal, encoding: Encoding, body: bytes, zip
 
 async def _call(s: Servers, signal: Signal, body: bytes) -> grpc.StatusCode:
     try:
-        await s.channel.unary_unary(signal.grpc_method)(body, timeout=5)
+        await s.channel.unary_unary(signal.grpc_method)(body, timeout=30)
     except grpc.aio.AioRpcError as exc:
         assert exc.details()
         return exc.code()
