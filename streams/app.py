@@ -340,12 +340,15 @@ class OffsetGuard:
         self._tracks: dict[Any, _Track] = {}
         self._last_event = 0.0
         self._suspects: dict[Any, int] = {}
+        self._busy: dict[str, Callable[[], bool]] = {}
         app.timer(self.WATCH_SECONDS, name=f"offset-guard-{'-'.join(sorted(topics))}")(self._watch)
 
     async def _watch(self) -> None:
         idle = time.monotonic() - self._last_event >= self.WATCH_SECONDS
-        if not idle or self.app.rebalancing:
-            self._suspects.clear()  # the agent is getting records, or Faust is busy assigning
+        if not idle or self.app.rebalancing or any(busy() for busy in self._busy.values()):
+            # Getting records, assigning, or still working on admitted ones: a slow stage on a loaded
+            # machine stops admitting because it is busy, not because records went missing.
+            self._suspects.clear()
             return
         consumer, generation = self.app.consumer, self.app.consumer_generation_id
         suspects = {}
@@ -368,6 +371,10 @@ class OffsetGuard:
             self.rewinds += 1
             await consumer.seek(tp, start)
         self._suspects = suspects
+
+    def hold_while(self, name: str, busy: Callable[[], bool]) -> None:
+        """Never rewind while ``busy()`` (acks in flight); an agent restarted by Faust replaces its own."""
+        self._busy[name] = busy
 
     async def admit(self, event: EventT) -> bool:
         """True: process the record; False: drop it unprocessed and unacked (it will come again)."""

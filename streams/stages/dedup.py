@@ -144,7 +144,9 @@ class DedupStage:
         stream = stream.noack()
         acks = OrderedAcks(stream, self._delivered, _MAX_IN_FLIGHT)
         buffer = _Buffer()
-        processor = asyncio.ensure_future(self._process(buffer, acks))
+        handling = [0]
+        self.guard.hold_while("agent", lambda: bool(len(acks) or buffer.events or handling[0]))
+        processor = asyncio.ensure_future(self._process(buffer, acks, handling))
         try:
             async for event in stream.events():
                 if await self.guard.admit(event):  # per record, before it joins a batch
@@ -152,10 +154,13 @@ class DedupStage:
         finally:
             processor.cancel()
 
-    async def _process(self, buffer: _Buffer, acks: OrderedAcks) -> None:
+    async def _process(self, buffer: _Buffer, acks: OrderedAcks, handling: list[int]) -> None:
         try:
             while True:
-                await self._handle(await buffer.take(), acks)
+                batch = await buffer.take()
+                handling[0] = 1
+                await self._handle(batch, acks)
+                handling[0] = 0
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

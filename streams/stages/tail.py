@@ -149,6 +149,7 @@ class TailStage:
     async def _regroup_agent(self, stream: StreamT) -> None:
         manual = stream.noack()
         acks = OrderedAcks(manual, None, MAX_IN_FLIGHT)
+        self.guard.hold_while("regroup", lambda: len(acks) > 0)
         async for event in manual.events():
             if await self.guard.admit(event):
                 await self._regroup(event, acks)
@@ -182,6 +183,7 @@ class TailStage:
     async def _buffer_agent(self, stream: StreamT) -> None:
         manual = stream.noack()
         acks = OrderedAcks(manual, None, MAX_IN_FLIGHT)
+        self.guard.hold_while("buffer", lambda: len(acks) > 0)
         async for event in manual.events():
             if await self.guard.admit(event):
                 await self._buffer(event, acks)
