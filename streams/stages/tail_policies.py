@@ -62,6 +62,7 @@ class And(Evaluator):
     """SAMPLED when every sub-policy samples; stops at the first that does not (as the Collector)."""
 
     __slots__ = ("_subs", "stateful")
+    ALL_MATCH: Decision = SAMPLED
 
     def __init__(self, subs: Sequence[Evaluator]) -> None:
         self._subs = tuple(subs)
@@ -72,24 +73,14 @@ class And(Evaluator):
             decision = sub.evaluate(trace)
             if decision is NOT_SAMPLED or decision is INVERT_NOT_SAMPLED:
                 return NOT_SAMPLED
-        return SAMPLED
+        return self.ALL_MATCH
 
 
-class Drop(Evaluator):
+class Drop(And):
     """DROPPED when every sub-policy matches (samples); NOT_SAMPLED as soon as one does not."""
 
-    __slots__ = ("_subs", "stateful")
-
-    def __init__(self, subs: Sequence[Evaluator]) -> None:
-        self._subs = tuple(subs)
-        self.stateful = any(s.stateful for s in subs)
-
-    def evaluate(self, trace: TraceData) -> Decision:
-        for sub in self._subs:
-            decision = sub.evaluate(trace)
-            if decision is NOT_SAMPLED or decision is INVERT_NOT_SAMPLED:
-                return NOT_SAMPLED
-        return DROPPED
+    __slots__ = ()
+    ALL_MATCH: Decision = DROPPED
 
 
 class _Budget:
