@@ -145,7 +145,8 @@ def _entry(size: int) -> int:
     return 1 + ((size.bit_length() + 6) // 7 or 1) + size
 
 
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+def read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it (protobuf wire walking without parsing)."""
     byte = buf[pos]
     if byte < 0x80:
         return byte, pos + 1
@@ -162,17 +163,17 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 def _skip(buf: memoryview, pos: int, wire_type: int, number: int) -> int:
     """Position after a field's value (groups only ever appear as unknown fields from old producers)."""
     if wire_type == 0:
-        return _read_varint(buf, pos)[1]
+        return read_varint(buf, pos)[1]
     if wire_type == 1:
         return pos + 8
     if wire_type == 5:
         return pos + 4
     if wire_type == _LEN:
-        length, pos = _read_varint(buf, pos)
+        length, pos = read_varint(buf, pos)
         return pos + length
     if wire_type == 3:
         while True:
-            key, pos = _read_varint(buf, pos)
+            key, pos = read_varint(buf, pos)
             if key & 7 == 4:
                 if key >> 3 != number:
                     raise ValueError(f"mismatched protobuf group end for field {number}")
@@ -190,7 +191,7 @@ def _scan(buf: memoryview, pos: int, end: int) -> list[tuple[int, int, int, int,
         if key < 0x80:
             pos += 1
         else:
-            key, pos = _read_varint(buf, pos)
+            key, pos = read_varint(buf, pos)
         wire_type = key & 7
         if wire_type == _LEN:
             length = buf[pos]
@@ -200,7 +201,7 @@ def _scan(buf: memoryview, pos: int, end: int) -> list[tuple[int, int, int, int,
                 length = (length & 0x7F) | (buf[pos + 1] << 7)
                 pos += 2
             else:
-                length, pos = _read_varint(buf, pos)
+                length, pos = read_varint(buf, pos)
             payload = pos
             pos += length
         else:

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 from kotel.kafka.topics import TopicNames
 from kotel.otlp import Signal, decode_protobuf, frame, join
+from kotel.otlp.sizing import read_varint
 from kotel.topology import Topology
 from kotel.topology.processors import RoutingConfig
 
@@ -184,18 +185,9 @@ def _entry_slices(wire: bytes, expected: int) -> list[memoryview] | None:
     while pos < end:
         if view[pos] != 0x0A:  # field 1, length-delimited
             return None
-        length, payload = _varint(view, pos + 1)
+        length, payload = read_varint(view, pos + 1)
         out.append(view[pos: payload + length])
         pos = payload + length
     return out if len(out) == expected else None
 
 
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7

@@ -25,7 +25,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans
 
 from kotel.otlp import OtlpDecodeError, frame, join
-from kotel.otlp.sizing import encode_varint
+from kotel.otlp.sizing import encode_varint, read_varint
 
 TRACE_ID_SIZE, SPAN_ID_SIZE = 16, 8
 _ZERO_TRACE = bytes(TRACE_ID_SIZE)
@@ -145,15 +145,6 @@ class Fragment(NamedTuple):
     root: bool
 
 
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
 
 
 def fragments(bundle: bytes, index: bytes | None = None) -> list[Fragment]:
@@ -187,7 +178,7 @@ def _parse_fragments(bundle: bytes) -> list[Fragment]:
     for rs in request.resource_spans:
         if view[pos] != 0x0A:
             raise OtlpDecodeError("repartition record holds fields other than resource entries")
-        length, start = _varint(view, pos + 1)
+        length, start = read_varint(view, pos + 1)
         entry, pos = bytes(view[pos:start + length]), start + length
         spans = [s for ss in rs.scope_spans for s in ss.spans]
         if not spans:
