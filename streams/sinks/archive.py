@@ -4,15 +4,22 @@ Each delivered batch becomes closed, fsynced Parquet files (written under a temp
 renamed), so "accepted" means durable and a crash can never leave a half-written file behind that a
 committed offset points past. Rows keep the OTLP request bytes whole, so the archive can be replayed
 into a topic losslessly (``kotel replay``), plus the columns needed to find things without decoding.
+
+Re-delivery. Offsets are committed after the files are durable, so a crash, a failed commit (the broker
+away) or a rebalance in between hands the same records over again. Each file holds one topic
+partition's records and names its offset range, so when a partition's records stop following on from
+the last one delivered, the sink reads the offsets already archived from that point on and skips them
+(`ArchivedOffsets`): the archive holds each record once, which replay and the load test's accounting
+rely on. A batch cut short by a crash leaves whole files only, so the skip is exact.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -21,6 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from prometheus_client import CollectorRegistry, Counter
 
 from kotel.otlp import Signal, count_items, decode_protobuf
 from kotel.topology.exporters import FileExporterConfig
@@ -33,8 +41,44 @@ SCHEMA = pa.schema([
 ])
 
 
+_NAME = re.compile(r"part-\d+-(?P<topic>.+)-p(?P<partition>\d+)-o(?P<first>\d+)-(?P<last>\d+)\.parquet")
+
+
 def _safe(value: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in value) or "_"
+
+
+def file_name(topic: str, partition: int, first: int, last: int) -> str:
+    """``part-<ns written>-<topic>-p<partition>-o<first>-<last>.parquet`` (the load test times by ns)."""
+    return f"part-{time.time_ns()}-{_safe(topic)}-p{partition}-o{first}-{last}.parquet"
+
+
+class ArchivedOffsets:
+    """Which offsets of a topic partition the archive already holds, from ``offset`` on."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._next: dict[tuple[str, int], int] = {}
+        self._held: dict[tuple[str, int], set[int]] = {}
+
+    def already_archived(self, record: SinkRecord) -> bool:
+        tp = (record.topic, record.partition)
+        if self._next.get(tp) != record.offset:  # first sight, a restart, a rebalance or a retry
+            self._held[tp] = self._scan(record.signal, record.topic, record.partition, record.offset)
+        self._next[tp] = record.offset + 1
+        held = self._held.get(tp)
+        return bool(held) and record.offset in held  # type: ignore[operator]
+
+    def _scan(self, signal: str, topic: str, partition: int, offset: int) -> set[int]:
+        held: set[int] = set()
+        pattern = f"tenant=*/signal={_safe(signal)}/date=*/part-*-{_safe(topic)}-p{partition}-o*.parquet"
+        for path in self.root.glob(pattern):
+            match = _NAME.fullmatch(path.name)
+            if match is None or int(match["last"]) < offset or match["topic"] != _safe(topic):
+                continue
+            column = pq.read_table(path, columns=["offset"]).column("offset").to_pylist()
+            held.update(o for o in column if o >= offset)
+        return held
 
 
 class ParquetArchive:
@@ -46,14 +90,27 @@ class ParquetArchive:
         self.max_bytes = config.rotation.max_megabytes * 1024 * 1024
         self.max_days = config.rotation.max_days
         self._last_prune = 0.0
+        self.archived = ArchivedOffsets(self.root)
+        self.register_metrics(CollectorRegistry())
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        self.skipped = Counter("kotel_sink_archive_skipped_records",
+                               "Records delivered again (restart, rebalance, failed commit) that the "
+                               "archive already held", ["sink"], registry=registry)
 
     async def deliver(self, records: Sequence[SinkRecord]) -> list[Result]:
-        groups: dict[tuple[str, str, date], list[int]] = defaultdict(list)
+        groups: dict[tuple[str, str, date, str, int], list[int]] = defaultdict(list)
+        fresh = await asyncio.to_thread(lambda: [not self.archived.already_archived(r) for r in records])
         for i, record in enumerate(records):
+            if not fresh[i]:
+                continue
             day = datetime.fromtimestamp(max(record.timestamp_ms, 0) / 1000, UTC).date()
-            groups[(record.tenant, record.signal, day)].append(i)
+            groups[(record.tenant, record.signal, day, record.topic, record.partition)].append(i)
+        skipped = len(records) - sum(fresh)
+        if skipped:
+            self.skipped.labels(self.name).inc(skipped)
         results: list[Result] = [OK] * len(records)
-        for (tenant, signal, day), indexes in groups.items():
+        for (tenant, signal, day, _, _), indexes in groups.items():
             rows = [records[i] for i in indexes]
             try:
                 await asyncio.to_thread(self._write, tenant, signal, day, rows)
@@ -91,13 +148,14 @@ def _items(signal: str, value: bytes) -> int:
 
 
 def _write_file(folder: Path, rows: list[SinkRecord], signal: str) -> None:
+    offsets = [r.offset for r in rows]
     table = pa.table({
         "topic": [r.topic for r in rows], "partition": [r.partition for r in rows],
-        "offset": [r.offset for r in rows], "key": [r.key for r in rows],
+        "offset": offsets, "key": [r.key for r in rows],
         "timestamp": [r.timestamp_ms for r in rows], "items": [_items(signal, r.value) for r in rows],
         "headers": [list(r.headers) for r in rows], "value": [r.value for r in rows],
     }, schema=SCHEMA)
-    name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+    name = file_name(rows[0].topic, rows[0].partition, min(offsets), max(offsets))
     tmp = folder / f".{name}.tmp"
     pq.write_table(table, tmp, compression="zstd")
     with tmp.open("rb") as handle:

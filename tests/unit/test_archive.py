@@ -56,3 +56,47 @@ def test_sink_aliases_resolve_to_the_one_exporter_of_their_type() -> None:
     assert str(info.value) == (
         "sink 'loki': no exporter of type loki in the gateway section (defined: otlp/tenant-a, otlp/tenant-b)"
     )
+
+
+def _records(topic: str, partition: int, offsets: range, tenant: str = "tenant-a") -> list[SinkRecord]:
+    return [SinkRecord(topic, partition, o, b"k", b"v%d" % o, (), tenant, "logs", 1_700_000_000_000)
+            for o in offsets]
+
+
+def _archived(root: Path) -> list[tuple[str, int, int]]:
+    table = read_archive(root)
+    return sorted(zip(table.column("topic").to_pylist(), table.column("partition").to_pylist(),
+                      table.column("offset").to_pylist(), strict=True))
+
+
+def test_records_delivered_again_after_a_restart_are_archived_once(tmp_path: Path) -> None:
+    config = FileExporterConfig(path=str(tmp_path))
+    first = ParquetArchive("a", config)
+    assert asyncio.run(first.deliver(_records("t.logs", 0, range(0, 10)))) == [OK] * 10
+    # the commit of 0-9 failed; a new worker (or the same after a rebalance) gets 5-14 again
+    second = ParquetArchive("a", config)
+    assert asyncio.run(second.deliver(_records("t.logs", 0, range(5, 15)))) == [OK] * 10
+    assert _archived(tmp_path) == [("t.logs", 0, o) for o in range(15)]
+    assert second.skipped.labels("a")._value.get() == 5
+    # the same worker seeking back also finds what it wrote itself
+    asyncio.run(second.deliver(_records("t.logs", 0, range(12, 16))))
+    assert _archived(tmp_path) == [("t.logs", 0, o) for o in range(16)]
+
+
+def test_a_partly_written_batch_is_completed_not_repeated(tmp_path: Path) -> None:
+    config = FileExporterConfig(path=str(tmp_path))
+    # a crash after partition 0's file and before partition 1's (and before the commit)
+    asyncio.run(ParquetArchive("a", config).deliver(_records("t.logs", 0, range(3))))
+    again = _records("t.logs", 0, range(3)) + _records("t.logs", 1, range(3))
+    assert asyncio.run(ParquetArchive("a", config).deliver(again)) == [OK] * 6
+    assert _archived(tmp_path) == [("t.logs", p, o) for p in (0, 1) for o in range(3)]
+
+
+def test_offsets_of_other_partitions_and_topics_do_not_count(tmp_path: Path) -> None:
+    config = FileExporterConfig(path=str(tmp_path))
+    archive = ParquetArchive("a", config)
+    asyncio.run(archive.deliver(_records("t.logs", 0, range(3)) + _records("u.logs", 2, range(3), "b")))
+    fresh = ParquetArchive("a", config)
+    asyncio.run(fresh.deliver(_records("t.logs", 1, range(3)) + _records("t.logsx", 2, range(3))))
+    assert len(_archived(tmp_path)) == 12
+    assert fresh.skipped.labels("a")._value.get() == 0
