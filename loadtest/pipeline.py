@@ -68,8 +68,10 @@ def topology_dict(scenario: Scenario, wiring: Wiring, tail_sampling: bool) -> di
         "default_exporters": [ARCHIVE],
         "table": [{"value": t, "exporters": exporters_of} for t in w.tenants],
     }
+    # The archive flushes as often as the agent batches: it is where end-to-end latency is measured.
     exporters: dict[str, Any] = {ARCHIVE: {"path": str(wiring.home / "archive"), "format": "parquet",
-                                           "mode": "always"}}
+                                           "mode": "always",
+                                           "flush_interval": format_duration(p.batch_timeout)}}
     if "tempo" in p.backends:
         exporters["otlp/tempo"] = {"endpoint": wiring.backends["tempo"], "tls": {"insecure": True}}
     if "prometheus" in p.backends:

@@ -89,6 +89,7 @@ class ParquetArchive:
         self.root = Path(config.path)
         self.max_bytes = config.rotation.max_megabytes * 1024 * 1024
         self.max_days = config.rotation.max_days
+        self.linger = config.flush_interval.total_seconds()  # the Collector file exporter's flush cadence
         self._last_prune = 0.0
         self.archived = ArchivedOffsets(self.root)
         self.register_metrics(CollectorRegistry())
