@@ -23,32 +23,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
-from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
-from kotel.kafka.admin import create_topics
 from kotel.otlp import samples
 from kotel.topology import parse_topology
+from loadtest.bench_support import TOPOLOGY_HEAD, backlog_producer, deploy, disk_bytes, start_worker
 
-TOPOLOGY = """
-kafka: {{bootstrap_servers: "{bootstrap}"}}
-topics: {{prefix: "{prefix}", defaults: {{partitions: {partitions}}}}}
-gateway:
-  processors:
-    dedup: {{window: {window}, signals: [traces]}}
+TOPOLOGY = TOPOLOGY_HEAD + """    dedup: {{window: {window}, signals: [traces]}}
 """
 INSTANCES = 16
 
@@ -77,75 +65,14 @@ class Records:
         return key, buffer.tobytes()
 
 
-@dataclass
-class Worker:
-    process: subprocess.Popen[bytes]
-    port: int
-    data_dir: Path
-
-    def metric(self, name: str) -> float:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
-                text = response.read().decode()
-        except OSError:
-            return 0.0
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name + "{") or line.startswith(name + " "))
-
-    @property
-    def proc(self) -> psutil.Process:
-        return psutil.Process(self.process.pid)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def setup(bootstrap: str, work: Path, window: str, partitions: int) -> tuple[Path, str]:
-    prefix = f"bench{uuid.uuid4().hex[:6]}"
-    text = TOPOLOGY.format(bootstrap=bootstrap, prefix=prefix, window=window, partitions=partitions)
-    path = work / f"{prefix}.yaml"
-    path.write_text(text, encoding="utf-8")
-    create_topics(AdminClient({"bootstrap.servers": bootstrap}), parse_topology(text).planned_topics())
-    return path, f"{prefix}.raw.traces"
-
-
-def start_worker(topology: Path, work: Path) -> Worker:
-    port, data = free_port(), work / f"data-{uuid.uuid4().hex[:6]}"
-    log = (work / "worker.log").open("ab")
-    command = [sys.executable, "-m", "kotel.cli", "worker", "dedup", "--topology", str(topology),
-               "--data-dir", str(data), "--web-port", str(port), "--log-level", "WARNING"]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    worker = Worker(process, port, data)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the worker exited; see {work / 'worker.log'}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).close()
-            break
-        except OSError:
-            time.sleep(0.5)
-    return worker
+    path, topology = deploy(bootstrap, work, TOPOLOGY, "bench", window=window, partitions=partitions)
+    return path, topology.topic_names.raw("traces")
 
 
 def produce(bootstrap: str, topic: str, records: Records, count: int, retry_share: float = 0.05,
             stamp: Callable[[int], int] | None = None) -> int:
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True,
-                         "message.max.bytes": 16 * 1024 * 1024, "queue.buffering.max.kbytes": 1024 * 1024})
+    producer = backlog_producer(bootstrap)
     spans, last = 0, None
     retry_every = int(1 / retry_share) if retry_share else 0
     for i in range(count):
@@ -181,10 +108,6 @@ def load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def throughput(args: argparse.Namespace, work: Path) -> None:
     topology, topic = setup(args.bootstrap, work, "5m", args.partitions)
     records = Records(args.batch, args.instances)
@@ -194,7 +117,7 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
     unique = total - (count // 20) * args.batch
     print(f"backlog: {count} records, {total} spans ({unique} unique) in {time.monotonic() - started:.1f} s; "
           f"load {load()}")
-    worker = start_worker(topology, work)
+    worker = start_worker("dedup", topology, work)
     first = None
     peak_rss = 0
     try:
@@ -250,7 +173,7 @@ def memory(args: argparse.Namespace, work: Path) -> None:
     total = produce(args.bootstrap, topic, records, count, 0.0, stamp=stamp)
     print(f"backlog: {count} records, {total:,} spans, record times over {args.window} s, produced in "
           f"{time.monotonic() - started:.0f} s; load {load()}", flush=True)
-    worker = start_worker(topology, work)
+    worker = start_worker("dedup", topology, work)
     began, peak, done = time.monotonic(), 0, 0.0
     try:
         while time.monotonic() - began < args.memory_deadline:

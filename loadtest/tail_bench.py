@@ -26,31 +26,20 @@ import os
 import pstats
 import random
 import struct
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
-from kotel.kafka.admin import create_topics
 from kotel.otlp import samples
+from kotel.supervisor import free_ports
 from kotel.topology import parse_topology
+from loadtest import bench_support
+from loadtest.bench_support import TOPOLOGY_HEAD, Worker, backlog_producer, deploy, disk_bytes
 
-TOPOLOGY = """
-kafka: {{bootstrap_servers: "{bootstrap}"}}
-topics: {{prefix: "{prefix}", defaults: {{partitions: {partitions}}}}}
-gateway:
-  processors:
-    tail_sampling:
+TOPOLOGY = TOPOLOGY_HEAD + """    tail_sampling:
       decision_wait: {wait}
       num_traces: {num_traces}
       policies:
@@ -114,78 +103,22 @@ def _all(wire: bytes, needle: bytes) -> list[int]:
     return found
 
 
-@dataclass
-class Worker:
-    process: subprocess.Popen[bytes]
-    port: int
-    data_dir: Path
-
-    def metric(self, name: str, **labels: str) -> float:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as response:
-                text = response.read().decode()
-        except OSError:
-            return 0.0
-        want = [f'{k}="{v}"' for k, v in labels.items()]
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if (line.startswith(name + "{") or line.startswith(name + " "))
-                   and all(w in line for w in want))
-
-    @property
-    def proc(self) -> psutil.Process:
-        return psutil.Process(self.process.pid)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def setup(bootstrap: str, work: Path, wait: str, partitions: int, num_traces: int) -> tuple[Path, str]:
-    prefix = f"tbench{uuid.uuid4().hex[:6]}"
-    text = TOPOLOGY.format(bootstrap=bootstrap, prefix=prefix, wait=wait, partitions=partitions,
-                           num_traces=num_traces)
-    path = work / f"{prefix}.yaml"
-    path.write_text(text, encoding="utf-8")
-    create_topics(AdminClient({"bootstrap.servers": bootstrap}), parse_topology(text).planned_topics())
-    return path, f"{prefix}.deduped.traces"
+    path, topology = deploy(bootstrap, work, TOPOLOGY, "tbench", wait=wait, partitions=partitions,
+                            num_traces=num_traces)
+    return path, topology.topic_names.deduped("traces")
 
 
 def start_worker(topology: Path, work: Path, data: Path | None = None) -> Worker:
-    port, data = free_port(), data or work / f"data-{uuid.uuid4().hex[:6]}"
-    log = (work / "worker.log").open("ab")
-    command = [sys.executable, "-m", "kotel.cli", "worker", "tail", "--topology", str(topology),
-               "--data-dir", str(data), "--web-port", str(port), "--log-level", "WARNING"]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    worker = Worker(process, port, data)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the worker exited; see {work / 'worker.log'}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).close()
-            break
-        except OSError:
-            time.sleep(0.5)
-    return worker
+    """More patience than dedup's: with a million traces pending, the worker starts, answers /metrics
+    and stops slower."""
+    return bench_support.start_worker("tail", topology, work, data, ready_within=90, scrape_timeout=10,
+                                      stop_timeout=60)
 
 
 def produce(bootstrap: str, topic: str, rounds: Rounds, count: int, rate: float | None = None) -> int:
     """``count`` rounds, paced at ``rate`` spans/s when given; returns the spans sent."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True,
-                         "message.max.bytes": 16 * 1024 * 1024, "queue.buffering.max.kbytes": 1024 * 1024})
+    producer = backlog_producer(bootstrap)
     spans, began = 0, time.monotonic()
     for _ in range(count):
         for key, value in rounds.next():
@@ -262,7 +195,7 @@ def memory(args: argparse.Namespace, work: Path) -> None:
             peak = max(peak, rss)
             pending = worker.metric("kotel_tail_pending_traces")
             print(f"  t={time.monotonic() - began:5.0f} s  pending traces {pending:>10,.0f}  RSS "
-                  f"{rss / 2**20:5.0f} MiB  disk {disk(worker.data_dir) / 2**20:6.0f} MiB  {load()}",
+                  f"{rss / 2**20:5.0f} MiB  disk {disk_bytes(worker.data_dir) / 2**20:6.0f} MiB  {load()}",
                   flush=True)
             if pending >= count * rounds.traces:
                 break
@@ -287,10 +220,6 @@ def memory(args: argparse.Namespace, work: Path) -> None:
               f"100 ms; RSS {worker.proc.memory_info().rss / 2**20:.0f} MiB; {load()}")
     finally:
         worker.stop()
-
-
-def disk(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def profile(args: argparse.Namespace, work: Path) -> None:
@@ -355,7 +284,7 @@ def main() -> None:
         if not args.bootstrap:
             from kotel.kafka.broker import BrokerSettings, KafkaBroker
 
-            port, controller = free_port(), free_port()
+            port, controller = free_ports(2)
             broker = KafkaBroker(BrokerSettings.from_env(port=port, controller_port=controller,
                                                          state_dir=work / "kafka"))
             broker.start(timeout=120)

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -27,6 +28,7 @@ from tests.integration.conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 Headers = list[tuple[str, bytes]]
+Record = tuple[bytes | None, bytes, Headers]  # key, value, headers
 
 TEMPLATE = """
 kafka: {{bootstrap_servers: "{bootstrap}", client_id: "{prefix}"}}
@@ -84,6 +86,35 @@ class StageEnv:
     def close(self) -> None:
         for worker in self.workers:
             worker.stop()
+
+    def end_offsets(self, topic: str) -> int:
+        """The sum of ``topic``'s end offsets: how many records it ever had."""
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"probe-{uuid.uuid4().hex}"})
+        try:
+            meta = consumer.list_topics(topic, timeout=10).topics[topic]
+            return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                       for p in meta.partitions)
+        finally:
+            consumer.close()
+
+    def committed(self, stage: str, topic: str) -> int:
+        """The sum of the offsets the ``stage`` workers (group ``kotel-<prefix>-<stage>``) committed on
+        ``topic``, a partition without a commit counting 0: `end_offsets` once they processed it all."""
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"kotel-{self.prefix}-{stage}"})
+        try:
+            partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+            offsets = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+            return sum(max(tp.offset, 0) for tp in offsets)
+        finally:
+            consumer.close()
+
+    def __enter__(self) -> StageEnv:
+        """Topics created on entry, workers stopped on exit: a test's deployment as one ``with`` block."""
+        self.create_topics()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class StageWorker:
@@ -164,8 +195,7 @@ class Out:
     timestamp: int
 
 
-def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes, Headers]],
-            timestamp: int | None = None) -> int:
+def produce(bootstrap: str, topic: str, records: Iterable[Record], timestamp: int | None = None) -> int:
     """Produce (key, value, headers) records idempotently and wait for all acks; returns the count."""
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
                          "linger.ms": 5, "message.max.bytes": 16 * 1024 * 1024})
@@ -178,17 +208,6 @@ def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, by
     if producer.flush(30):
         raise AssertionError(f"records for {topic} not acknowledged in 30 s")
     return count
-
-
-def end_offsets(bootstrap: str, topic: str) -> int:
-    """The sum of the partitions' end offsets: how many records the topic ever had."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"probe-{uuid.uuid4().hex}"})
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                   for p in meta.partitions)
-    finally:
-        consumer.close()
 
 
 def read_all(bootstrap: str, topic: str, at_least: int = 0, timeout: float = 30.0,
@@ -222,3 +241,25 @@ def read_all(bootstrap: str, topic: str, at_least: int = 0, timeout: float = 30.
 def headers_of(out: Out) -> dict[str, str]:
     return {k: v.decode(errors="replace") for k, v in out.headers}
 
+
+class Feed:
+    """Produces ``batch()`` to ``topic`` from a daemon thread for as long as its ``with`` block runs:
+    traffic that keeps arriving while a test kills a worker. Each round is acknowledged before the next."""
+
+    def __init__(self, bootstrap: str, topic: str, batch: Callable[[], Iterable[Record]]) -> None:
+        self.bootstrap, self.topic, self.batch = bootstrap, topic, batch
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            produce(self.bootstrap, self.topic, self.batch())
+            time.sleep(0.05)
+
+    def __enter__(self) -> Feed:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)

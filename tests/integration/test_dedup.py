@@ -6,25 +6,23 @@ import fcntl
 import random
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from kotel.otlp import Signal, decode_protobuf
 from streams.stages.dedup_core import identify
 from tests.integration.stage_support import (
     REPO,
+    Feed,
     Out,
+    Record,
     StageEnv,
-    end_offsets,
     headers_of,
     produce,
     read_all,
@@ -73,20 +71,16 @@ def read_key(bootstrap: str, topic: str, key: bytes, at_least: int, settle: floa
 @pytest.fixture(scope="module")
 def short_env(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StageEnv]:
     """One worker with a 4 s window for every signal, shared by the tests that need no restart."""
-    env = StageEnv(kafka_bootstrap, tmp_path_factory.mktemp("dedup-short"), SHORT)
-    env.create_topics()
-    env.worker("dedup").start().wait_ready()
-    yield env
-    assert env.workers[0].stop() == 0
-    env.close()
+    with StageEnv(kafka_bootstrap, tmp_path_factory.mktemp("dedup-short"), SHORT) as env:
+        env.worker("dedup").start().wait_ready()
+        yield env
+        assert env.workers[0].stop() == 0
 
 
 @pytest.fixture
 def long_env(kafka_bootstrap: str, tmp_path: Path) -> Iterator[StageEnv]:
-    env = StageEnv(kafka_bootstrap, tmp_path, LONG, partitions=4)
-    env.create_topics()
-    yield env
-    env.close()
+    with StageEnv(kafka_bootstrap, tmp_path, LONG, partitions=4) as env:
+        yield env
 
 
 def test_exact_and_partial_duplicates_across_records(short_env: StageEnv) -> None:
@@ -185,26 +179,15 @@ def test_state_survives_a_restart_and_a_partition_move(long_env: StageEnv) -> No
     assert moved.metric("kotel_stage_duplicate_items_total") == 10
 
 
-def committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    try:
-        offsets = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-        return sum(max(tp.offset, 0) for tp in offsets)
-    finally:
-        consumer.close()
-
-
 class Load:
     """Records of 50 fresh spans over 16 instances, with every fifth record a retry of an earlier one."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.bootstrap, self.topic = bootstrap, topic
+    def __init__(self) -> None:
         self.sent: list[tuple[bytes, bytes]] = []
         self.next_span = 1  # 0 would be an all-zero (invalid) trace id
-        self.stop = threading.Event()
         self.rng = random.Random(11)
 
-    def batch(self, records: int, retry_from: int | None = None) -> list[tuple[bytes, bytes, Any]]:
+    def batch(self, records: int, retry_from: int | None = None) -> list[Record]:
         out = []
         for i in range(records):
             if i % 5 == 4 and self.sent:
@@ -217,36 +200,25 @@ class Load:
             out.append((key, value, HEADERS))
         return out
 
-    def run(self) -> None:
-        while not self.stop.is_set():
-            produce(self.bootstrap, self.topic, self.batch(20))
-            time.sleep(0.05)
-
 
 def test_kill_9_under_load_loses_and_duplicates_nothing(long_env: StageEnv) -> None:
     names, boot = long_env.topology.topic_names, long_env.bootstrap
     raw, out = names.raw("traces"), names.deduped("traces")
     victim = long_env.worker("dedup", "victim").start().wait_ready()
     survivor = long_env.worker("dedup", "survivor").start().wait_ready()
-    load = Load(boot, raw)
-    producer = threading.Thread(target=load.run, daemon=True)
-    producer.start()
-    try:
+    load = Load()
+    with Feed(boot, raw, lambda: load.batch(20)):
         wait_until(lambda: victim.metric("kotel_stage_records_in_total") > 20
                    and survivor.metric("kotel_stage_records_in_total") > 20, 60, "both workers to process")
         victim.kill()
         before_kill = len(load.sent)
         time.sleep(3)
-    finally:
-        load.stop.set()
-        producer.join(30)
     # Retries of records the victim handled: only its table state, taken over, can drop them.
     produce(boot, raw, load.batch(40, retry_from=before_kill))
-    total = end_offsets(boot, raw)
-    group = long_env.topology.topics.prefix
+    total = long_env.end_offsets(raw)
     # Session timeout (10 s), rebalance and changelog recovery: on a loaded 2-core machine this took
     # over 60 s once; the assertions below, not this wait, decide whether anything was lost.
-    wait_until(lambda: committed(boot, f"kotel-{group}-dedup", raw, 4) == total, 180,
+    wait_until(lambda: long_env.committed("dedup", raw) == total, 180,
                "the survivor to process and commit every record")
     expected = Counter(i for _, value in load.sent for i in identify(
         Signal.TRACES, decode_protobuf(Signal.TRACES, value)).ids)

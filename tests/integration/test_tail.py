@@ -7,7 +7,6 @@ instances, shuffled across records, and some spans are held back until after the
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -15,16 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from kotel.otlp import Signal
 from tests.integration.stage_support import (
+    Feed,
     Headers,
     Out,
     StageEnv,
-    end_offsets,
     headers_of,
     produce,
     read_all,
@@ -99,21 +97,10 @@ def span_ids(outs: list[Out]) -> Counter[bytes]:
                    for s in ss.spans)
 
 
-def committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    try:
-        offsets = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-        return sum(max(tp.offset, 0) for tp in offsets)
-    finally:
-        consumer.close()
-
-
 @pytest.fixture
 def env(kafka_bootstrap: str, tmp_path: Path) -> Iterator[StageEnv]:
-    stage_env = StageEnv(kafka_bootstrap, tmp_path, GATEWAY, partitions=3)
-    stage_env.create_topics()
-    yield stage_env
-    stage_env.close()
+    with StageEnv(kafka_bootstrap, tmp_path, GATEWAY, partitions=3) as stage_env:
+        yield stage_env
 
 
 def test_20k_traces_keep_errors_and_slow_ones_whole_sample_the_share_and_late_spans_follow(
@@ -192,12 +179,10 @@ def test_invalid_records_go_to_the_dead_letter_topic_and_the_stage_goes_on(env: 
 class Load:
     """Traces for always_sample, produced until stopped; every span must come out exactly once."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.bootstrap, self.topic = bootstrap, topic
+    def __init__(self) -> None:
         self.rng = random.Random(5)
         self.sent: list[bytes] = []
         self.n = 0
-        self.stop = threading.Event()
 
     def batch(self, count: int) -> list[tuple[bytes, bytes, Headers]]:
         spans = []
@@ -208,35 +193,22 @@ class Load:
             self.sent.extend(s.span_id for _, s in trace.spans)
         return records(spans, self.rng, size=40)
 
-    def run(self) -> None:
-        while not self.stop.is_set():
-            produce(self.bootstrap, self.topic, self.batch(100))
-            time.sleep(0.05)
-
 
 def test_kill_9_under_load_loses_no_sampled_span_and_emits_none_twice(kafka_bootstrap: str,
                                                                      tmp_path: Path) -> None:
-    env = StageEnv(kafka_bootstrap, tmp_path, ALWAYS, partitions=4)
-    env.create_topics()
-    try:
+    with StageEnv(kafka_bootstrap, tmp_path, ALWAYS, partitions=4) as env:
         names, boot = env.topology.topic_names, env.bootstrap
         victim = env.worker("tail", "victim").start().wait_ready()
         survivor = env.worker("tail", "survivor").start().wait_ready()
-        load = Load(boot, names.deduped("traces"))
-        producer = threading.Thread(target=load.run, daemon=True)
-        producer.start()
-        try:
+        load = Load()
+        with Feed(boot, names.deduped("traces"), lambda: load.batch(100)):
             wait_until(lambda: victim.metric("kotel_tail_traces_decided_total") > 200
                        and survivor.metric("kotel_tail_traces_decided_total") > 200, 60,
                        "both workers to decide")
             victim.kill()
             time.sleep(3)
-        finally:
-            load.stop.set()
-            producer.join(30)
-        total = end_offsets(boot, names.deduped("traces"))
-        group = f"kotel-{env.topology.topics.prefix}-tail"
-        wait_until(lambda: committed(boot, group, names.deduped("traces"), 4) == total, 120,
+        total = env.end_offsets(names.deduped("traces"))
+        wait_until(lambda: env.committed("tail", names.deduped("traces")) == total, 120,
                    "the survivor to regroup and commit every record")
         wait_until(lambda: len(span_ids(read_all(boot, names.sampled_traces, settle=0.5))) >= len(load.sent),
                    120, "every span in the output")
@@ -244,5 +216,3 @@ def test_kill_9_under_load_loses_no_sampled_span_and_emits_none_twice(kafka_boot
         assert set(got) == set(load.sent), f"{len(set(load.sent) - set(got))} spans lost"
         assert max(got.values()) == 1, f"{sum(1 for c in got.values() if c > 1)} spans emitted twice"
         assert "Worker ready" in survivor.log()
-    finally:
-        env.close()

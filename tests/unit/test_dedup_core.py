@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import faust
 import numpy as np
 import pytest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValueList
@@ -21,16 +21,9 @@ import streams.app
 from kotel.otlp import Signal, count_items
 from streams.app import OrderedAcks
 from streams.stages.dedup_core import apply_keep, dedup_request, identify
-from streams.stages.dedup_store import BucketFilter, SeenTable
+from streams.stages.dedup_store import BucketFilter
+from tests.unit.dedup_support import RES, seen_store, spans
 from tests.unit.otlp_builders import build, items, kvs
-
-RES = {"service.name": "shop", "service.instance.id": "shop-1"}
-
-
-def spans(*numbers: int, start: int = 1000, name: str = "op") -> list[Span]:
-    """Span n: trace id n, span id n, start time ``start + n``."""
-    return [Span(name=name, trace_id=n.to_bytes(16, "big"), span_id=n.to_bytes(8, "big"),
-                 start_time_unix_nano=start + n, end_time_unix_nano=start + n + 5) for n in numbers]
 
 
 def traces(*numbers: int, res: dict[str, Any] = RES) -> Any:
@@ -262,11 +255,9 @@ def test_apply_keep_checks_the_flag_count() -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Any:
-    app = faust.App("dedup-unit", store="rocksdb://", datadir=str(tmp_path))
-    table = SeenTable(app, name="seen", window_ms=10_000, partitions=2, key_type=bytes, value_type=bytes)
-    yield table.store
-    table.store._parts.clear()
+def store(tmp_path: Path) -> Iterator[Any]:
+    with seen_store(tmp_path) as opened:
+        yield opened
 
 
 def test_store_window_is_exact_and_old_buckets_are_dropped(store: Any) -> None:
@@ -322,15 +313,13 @@ def test_bloom_filter_memory_is_bounded_and_a_bucket_past_it_is_unfiltered(tmp_p
     assert filt.maybe(words[:190_000]).all() and filt.maybe(words[190_000:]).mean() < 0.03
     assert len(filt.layers) == 2 and budget[0] == (800 - 384) << 10  # 64k + 128k identities in 384 KiB
     assert not filt.add(words[190_000:], budget)  # a third layer (512 KiB) would pass the budget
-    app = faust.App("dedup-unit-budget", store="rocksdb://", datadir=str(tmp_path))
-    table = SeenTable(app, name="seen", window_ms=10_000, partitions=1, key_type=bytes, value_type=bytes)
-    table.store._budget[0] = 1000  # less than one layer: every bucket is unfiltered
-    rng = random.Random(5)
-    ids = [rng.randbytes(16) for _ in range(101)]
-    table.store.remember(0, ids[:100], 1_000_000_000_000, None)
-    assert table.store.lookup(0, ids, 1_000_000_000_001) == [True] * 100 + [False]
-    assert not table.store._parts[0].filters
-    table.store._parts.clear()
+    with seen_store(tmp_path, partitions=1) as store:
+        store._budget[0] = 1000  # less than one layer: every bucket is unfiltered
+        rng = random.Random(5)
+        ids = [rng.randbytes(16) for _ in range(101)]
+        store.remember(0, ids[:100], 1_000_000_000_000, None)
+        assert store.lookup(0, ids, 1_000_000_000_001) == [True] * 100 + [False]
+        assert not store._parts[0].filters
 
 
 # --- ordered acks ------------------------------------------------------------------------------------

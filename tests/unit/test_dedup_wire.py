@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import faust
 import pytest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
@@ -16,18 +16,12 @@ from kotel.otlp import OtlpDecodeError, Signal, decode_protobuf, samples, spanwi
 from kotel.otlp.sizing import encode_varint
 from kotel.otlp.spanwire import read_many, read_spans
 from streams.stages.dedup_core import apply_keep, identify, identify_record, identify_records
-from streams.stages.dedup_store import SeenTable, decode_changelog, encode_changelog
+from streams.stages.dedup_store import decode_changelog, encode_changelog
+from tests.unit.dedup_support import RES, seen_store, spans
 from tests.unit.otlp_builders import build
 
-RES = {"service.name": "shop", "service.instance.id": "shop-1"}
 MALFORMED = (r"^invalid OTLP/protobuf ExportTraceServiceRequest: malformed wire format \(truncated, or not "
              r"a protobuf message\)$")
-
-
-def spans(*numbers: int, start: int = 1000) -> list[Span]:
-    """Span n: trace id n, span id n, start time ``start + n``."""
-    return [Span(name="op", trace_id=n.to_bytes(16, "big"), span_id=n.to_bytes(8, "big"),
-                 start_time_unix_nano=start + n, end_time_unix_nano=start + n + 5) for n in numbers]
 
 
 def request_of(found: list[Span]) -> bytes:
@@ -164,11 +158,9 @@ def test_new_changelog_records_never_look_like_the_previous_format(groups: int) 
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Any:
-    app = faust.App("dedup-unit", store="rocksdb://", datadir=str(tmp_path))
-    table = SeenTable(app, name="seen", window_ms=10_000, partitions=2, key_type=bytes, value_type=bytes)
-    yield table.store
-    table.store._parts.clear()
+def store(tmp_path: Path) -> Iterator[Any]:
+    with seen_store(tmp_path) as opened:
+        yield opened
 
 
 def test_store_recovers_from_changelog_records(store: Any) -> None:
