@@ -246,4 +246,13 @@ def verdict(results: dict[str, dict[str, Any]], max_lost: int, max_sink_duplicat
         s = res["sampling"]
         if check_sampling and s.get("applicable") and not s.get("ok"):
             problems.append(f"{signal}: sampling incorrect: {s}")
+        for backend, b in res.get("backends", {}).items():  # loadtest/readback.py
+            if "error" in b:
+                problems.append(f"{signal} at {backend}: read-back failed: {b['error']}")
+                continue
+            bad = [f"{b[k]} {k}" for k in ("missing", "duplicates", "unexpected") if b[k]]
+            if bad:
+                note = f" ({b['note']})" if b.get("note") else ""
+                problems.append(f"{signal} at {backend}: {', '.join(bad)} of {b['expected']} expected "
+                                f"(e.g. {'; '.join(b['examples'][:3])}){note}")
     return problems

@@ -63,7 +63,9 @@ def start_backends(names: list[str], workdir: Path) -> dict[str, Any]:
     started: dict[str, Any] = {}
     try:
         for name in names:
-            server = kinds[name](workdir / name)
+            # Jaeger keeps the newest N traces in memory; the read-back needs every sampled one.
+            extra = {"max_traces": 500_000} if name == "tempo" else {}
+            server = kinds[name](workdir / name, **extra)
             server.start(timeout=90)
             started[name] = server
     except Exception:

@@ -61,6 +61,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "Steps: `client_ack` scheduled send -> agent's answer; `agent` scheduled send -> record in "
               "the raw topic; each stage: previous stage's record -> its own output record (broker append "
               "time); `sink` -> Parquet file fsynced; `end_to_end` scheduled send -> sink.", ""]
+    lines += _backends(result["signals"])
     sampling = result["signals"].get("traces", {}).get("sampling", {})
     lines += ["## Sampling", ""]
     if sampling.get("applicable"):
@@ -88,6 +89,29 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("faults"):
         lines += ["", "Faults: " + "; ".join(result["faults"])]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _backends(signals: dict[str, Any]) -> list[str]:
+    """What each real backend holds against what the archive says it should (loadtest/readback.py)."""
+    rows = [(s, name, b) for s, res in signals.items() for name, b in res.get("backends", {}).items()]
+    if not rows:
+        return []
+    lines = ["## Backends (items read back)", "",
+             "| signal | backend | expected | found | missing | duplicates | unexpected | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for signal, name, b in rows:
+        if "error" in b:
+            lines.append(f"| {signal} | {name} | - | - | - | - | - | read-back failed: {_cell(b['error'])} |")
+            continue
+        cells = " | ".join(_fmt(b[k]) for k in ("expected", "found", "missing", "duplicates", "unexpected"))
+        lines.append(f"| {signal} | {name} | {cells} | {_cell(b.get('note', ''))} |")
+    return [*lines, "", "Expected: delivered to the archive by a tenant routed to the backend. Prometheus "
+            "keeps one sample per series and time, so it cannot show duplicates; histograms are checked by "
+            "their `_count` series.", ""]
 
 
 def chart(result: dict[str, Any], path: Path) -> bool:

@@ -32,6 +32,7 @@ from loadtest.accounting import Options, account, verdict
 from loadtest.collect import collect
 from loadtest.generator import Driver, Ledger, Shapes, make_target
 from loadtest.pipeline import Wiring, write_topology
+from loadtest.readback import read_back
 from loadtest.report import write_results
 from loadtest.scenario import Scenario
 
@@ -67,6 +68,7 @@ class Run:
         self.fault_log: list[str] = []
         self.tail = scenario.pipeline.tail_sampling is not None
         self.tail_note = "not configured by the scenario"
+        self.readback: dict[str, dict[str, Any]] = {}
 
     def say(self, text: str) -> None:
         self.console.print(f"[bold]loadtest[/bold] {text}")
@@ -127,6 +129,9 @@ class Run:
             self.say("reading back every topic and the archive")
             stages = collect(kafka, wiring.prefix, self.home / "archive", ledger.tenants, ledger.run_tag,
                              ledger.series, self.tail)
+            if self.backends:
+                self.say(f"reading back what {', '.join(self.backends)} received")
+                self.readback = read_back(self.backends, stages, ledger, len(self.sc.workload.tenants))
             ledger.save(self.home / "ledger")
         finally:
             self._teardown()
@@ -263,6 +268,8 @@ class Run:
             tl = res["timeline"]
             res["rates"] = {stage: round(sum(tl[stage]) * tl["bin_s"] / duration, 1)
                             for stage in tl if isinstance(tl[stage], list) and not stage.startswith("e2e")}
+            if signal in self.readback:
+                res["backends"] = self.readback[signal]
             signals[signal] = res
         problems = verdict(signals, sc.checks.max_lost, sc.checks.max_sink_duplicates, sc.checks.sampling)
         if not outcome["drained"]:
