@@ -43,17 +43,27 @@ def tail_worker_available() -> bool:
     return "tail" in available_commands().get("worker", set())
 
 
-def archive_items(root: Path) -> dict[str, int]:
-    """Items per signal in the archive, from its ``items`` column (cheap: no payload is read)."""
-    out = {"traces": 0, "metrics": 0, "logs": 0}
-    for path in root.glob("tenant=*/signal=*/date=*/part-*.parquet"):
-        signal = path.parts[-3].removeprefix("signal=")
-        try:
-            out[signal] = out.get(signal, 0) + sum(pq.read_table(path, columns=["items"]).column("items")
-                                                   .to_pylist())
-        except (OSError, ValueError):
-            continue
-    return out
+class ArchiveItems:
+    """Items per signal in the archive, from its ``items`` column; a file is read once (they are renamed
+    into place complete and never change), so polling a long run's tens of thousands of files stays cheap."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._seen: dict[Path, tuple[str, int]] = {}
+
+    def __call__(self) -> dict[str, int]:
+        for path in self.root.glob("tenant=*/signal=*/date=*/part-*.parquet"):
+            if path in self._seen:
+                continue
+            try:
+                items = sum(pq.read_table(path, columns=["items"]).column("items").to_pylist())
+            except (OSError, ValueError):
+                continue
+            self._seen[path] = (path.parts[-3].removeprefix("signal="), items)
+        out = {"traces": 0, "metrics": 0, "logs": 0}
+        for signal, items in self._seen.values():
+            out[signal] = out.get(signal, 0) + items
+        return out
 
 
 class Run:
@@ -69,6 +79,7 @@ class Run:
         self.tail = scenario.pipeline.tail_sampling is not None
         self.tail_note = "not configured by the scenario"
         self.readback: dict[str, dict[str, Any]] = {}
+        self.archive_items = ArchiveItems(self.home / "archive")
 
     def say(self, text: str) -> None:
         self.console.print(f"[bold]loadtest[/bold] {text}")
@@ -193,7 +204,7 @@ class Run:
         deadline = time.monotonic() + timeout
         wanted = {s for s, r in self.sc.workload.rates.model_dump().items() if r > 0}
         while time.monotonic() < deadline:
-            got = await asyncio.to_thread(archive_items, self.home / "archive")
+            got = await asyncio.to_thread(self.archive_items)
             if all(got.get(s, 0) > 0 for s in wanted):
                 return
             await asyncio.sleep(1.0)
@@ -207,7 +218,7 @@ class Run:
         last, calm = None, 0
         while time.monotonic() < deadline:
             lag = await asyncio.to_thread(env.total_lag, watcher.kafka, watcher.prefix)
-            items = await asyncio.to_thread(archive_items, self.home / "archive")
+            items = await asyncio.to_thread(self.archive_items)
             calm = calm + 1 if lag == 0 and items == last else 0
             last = items
             live.update(self._table(driver, watcher, f"draining: lag {lag}, archive {items}"))

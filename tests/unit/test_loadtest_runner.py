@@ -1,0 +1,36 @@
+"""The runner's archive poll (no broker): counts items per signal and reads each file once."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from kotel.otlp import samples
+from kotel.topology.exporters import FileExporterConfig
+from loadtest.runner import ArchiveItems
+from streams.sinks.archive import ParquetArchive
+from streams.sinks.runtime import SinkRecord
+
+
+def _deliver(archive: ParquetArchive, signal: str, value: bytes, offsets: range) -> None:
+    records = [SinkRecord(f"kt.tenant.a.{signal}", 0, o, b"k", value, (), "a", signal, 1_700_000_000_000)
+               for o in offsets]
+    asyncio.run(archive.deliver(records))
+
+
+def test_archive_items_counts_new_files_and_reads_each_once(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = ParquetArchive("file/archive", FileExporterConfig(path=str(tmp_path)))
+    spans = samples.traces(3).SerializeToString()
+    _deliver(archive, "traces", spans, range(2))
+    count = ArchiveItems(tmp_path)
+    assert count() == {"traces": 6, "metrics": 0, "logs": 0}
+    reads: list[Path] = []
+    real = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda path, **kw: reads.append(Path(path)) or real(path, **kw))
+    _deliver(archive, "traces", spans, range(2, 3))
+    assert count() == {"traces": 9, "metrics": 0, "logs": 0}
+    assert len(reads) == 1  # only the new file
