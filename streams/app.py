@@ -44,6 +44,9 @@ _MAX_BATCH_BYTES = 1024 * 1024
 # (loadtest/dedup_bench.py: 40-50k spans/s at half a core; 16 MiB: 72-99k spans/s).
 _MAX_FETCH_BYTES = 16 * 1024 * 1024
 EX_SOFTWARE = 70
+MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024  # per OrderedAcks: record values held until their acks
+# Events Faust buffers per stream ahead of the agent (its default, 4096, held ~1 GiB of large records).
+_STREAM_BUFFER = 512
 
 
 class _IdempotentProducer(AiokafkaProducer):
@@ -140,6 +143,7 @@ def create_app(topology: Topology, stage: str, *, data_dir: Path, web_port: int 
         producer_max_request_size=_MAX_REQUEST_BYTES,
         consumer_max_fetch_size=_MAX_FETCH_BYTES,
         stream_wait_empty=True,
+        stream_buffer_maxsize=_STREAM_BUFFER,
         topic_allow_declare=True,
         topic_replication_factor=defaults.replication_factor or 1,
         table_standby_replicas=1,
@@ -190,9 +194,10 @@ class Pending:
     payload: Any = None
     done: bool = field(default=False)
     earlier: tuple[EventT, ...] = ()
+    size: int = 0  # bytes of the events' values
 
     @property
-    def size(self) -> int:
+    def events(self) -> int:
         return len(self.earlier) + 1
 
 
@@ -214,14 +219,18 @@ class OrderedAcks:
     acknowledgements, runs ``on_delivered`` on each group of finished entries (a stage writes its state
     there), then acks their events. Futures ``on_delivered`` returns (state written to a changelog) are
     awaited by a second, ordered stage before the acks, so the next group need not wait for them.
-    ``max_in_flight`` bounds the events submitted but not yet acked.
+    ``max_in_flight`` bounds the events submitted but not yet acked, ``max_bytes`` their values' size:
+    each holds its record until acked, and a backlog of large records (a soak's dedup worker reached
+    1.6 GiB RSS) must not all sit here.
     """
 
     def __init__(self, stream: StreamT, on_delivered: OnDelivered | None = None,
-                 max_in_flight: int = 256) -> None:
+                 max_in_flight: int = 256, max_bytes: int = MAX_IN_FLIGHT_BYTES) -> None:
         self._stream = stream
         self._on_delivered = on_delivered
         self._max = max_in_flight
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._queue: deque[Pending] = deque()
         self._acking: deque[tuple[list[Pending], asyncio.Future[Any] | None]] = deque()
         self._count = 0  # events submitted, not yet acked
@@ -245,11 +254,13 @@ class OrderedAcks:
         the state written for ``payload`` succeeded; ``on_delivered`` sees it as one `Pending`."""
         if not events:
             raise ValueError("submit_many needs at least one event")
-        while self._count >= self._max:
+        size = sum(len(event.message.value or b"") for event in events)
+        while self._count >= self._max or (self._bytes and self._bytes + size > self._max_bytes):
             self._space.clear()
             await self._space.wait()
-        self._queue.append(Pending(events[-1], futures, payload, earlier=tuple(events[:-1])))
+        self._queue.append(Pending(events[-1], futures, payload, earlier=tuple(events[:-1]), size=size))
         self._count += len(events)
+        self._bytes += size
         self._idle.clear()
         self._wake.set()
         if self._task is None or self._task.done():
@@ -295,7 +306,8 @@ class OrderedAcks:
                     pending.done = True
                     for event in (*pending.earlier, pending.event):
                         await self._stream.ack(event)
-                    self._count -= pending.size
+                    self._count -= pending.events
+                    self._bytes -= pending.size
                 self._space.set()
                 if not self._count:
                     self._idle.set()
