@@ -65,8 +65,10 @@ def markdown(result: dict[str, Any]) -> str:
     sampling = result["signals"].get("traces", {}).get("sampling", {})
     lines += ["## Sampling", ""]
     if sampling.get("applicable"):
-        lines += [f"- ERROR traces kept: {sampling['error_traces_kept']} / {sampling['error_traces']}",
-                  f"- slow traces kept: {sampling['slow_traces_kept']} / {sampling['slow_traces']}",
+        lines += [f"- ERROR traces kept: {sampling['error_traces_kept']} / {sampling['error_traces']}"
+                  f"{_delayed(sampling, 'error')}",
+                  f"- slow traces kept: {sampling['slow_traces_kept']} / {sampling['slow_traces']}"
+                  f"{_delayed(sampling, 'slow')}",
                   f"- other traces kept: {sampling['plain_kept_percent']} % (setting "
                   f"{sampling['expected_percent']} %, z = {sampling['z_score']})",
                   f"- late spans delivered: {sampling['late_spans_of_kept_traces_delivered']} of "
@@ -89,6 +91,16 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("faults"):
         lines += ["", "Faults: " + "; ".join(result["faults"])]
     return "\n".join(lines) + "\n"
+
+
+def _delayed(sampling: dict[str, Any], kind: str) -> str:
+    """Traces whose spans reached the tail stage further apart than decision_wait (held back upstream)."""
+    delayed = sampling.get(f"{kind}_traces_delayed", 0)
+    if not delayed:
+        return ""
+    return (f" ({delayed} arrived spread over more than decision_wait, e.g. held back by an outage; "
+            f"{sampling.get(f'{kind}_traces_delayed_dropped', 0)} of those dropped, which no tail sampler "
+            "could avoid)")
 
 
 def _cell(text: str) -> str:

@@ -193,3 +193,26 @@ def test_report_files_say_pass_or_fail_and_hold_the_figures(tmp_path: Path) -> N
     failed = markdown({**result, "passed": False, "problems": ["logs: 1 items lost (e.g. seq [3])"]})
     assert failed.startswith("# Load test `unit`: FAIL")
     assert "- **logs: 1 items lost (e.g. seq [3])**" in failed
+
+
+def test_an_error_trace_held_back_upstream_past_decision_wait_is_reported_not_failed() -> None:
+    ledger = _ledger("traces", requests=60, health_share=0, error_share=0.1, slow_share=0.1)
+    led = ledger["traces"]
+    keep, kept_traces = _sampled(ledger, 0.2, drop_flag=ERROR)
+    stages = _stages(ledger, "traces", keep, DELAYS)
+    everything = np.arange(led.items)
+    arrival = led.np("scheduled_ns")[led.np("req")].astype(np.int64) + 30 * MS
+    victim = np.flatnonzero(~kept_traces & ((np.frombuffer(ledger.trace_flags, np.uint8) & ERROR) != 0))[0]
+    spans = np.flatnonzero(led.np("trace") == victim)
+    assert len(spans) > 1
+    arrival[spans[-1]] += 20_000 * MS  # an outage held one span back 20 s
+    stages["dedup"] = Observation("dedup", "traces", everything.astype(np.int64), arrival,
+                                  led.np("tenant").astype(np.int64))
+    strict = Options(tail_sampling=True, sampling_percentage=20, start_ns=NOW, decision_wait_s=30)
+    failed = account(ledger, "traces", stages, strict)["sampling"]
+    assert not failed["ok"] and failed["error_traces_delayed"] == 0
+    fair = Options(tail_sampling=True, sampling_percentage=20, start_ns=NOW, decision_wait_s=10)
+    s = account(ledger, "traces", stages, fair)["sampling"]
+    assert s["ok"], s
+    assert (s["error_traces_delayed"], s["error_traces_delayed_dropped"]) == (1, 1)
+    assert s["error_traces_kept"] == s["error_traces"] - 1
