@@ -30,6 +30,9 @@ class Options:
     # A trace whose spans reached the tail stage's input further apart than this could not be decided
     # whole (an outage upstream held some back): it is reported apart, not held against the sampler.
     decision_wait_s: float = 0.0
+    # False when the drain timed out: an acknowledged item still in a stage topic is then counted as
+    # queued (durable in Kafka, not yet delivered), not as lost.
+    drained: bool = True
     start_ns: int = 0  # time zero of the timelines (first measured request)
     bin_s: float = 1.0
 
@@ -87,6 +90,12 @@ def account(ledger: Ledger, signal: str, stages: dict[str, Observation], opts: O
         arrival = _first(n, seqs["dedup"], stages["dedup"].ts_ns) if "dedup" in stages else None
         sampled_out, sampling = _sampling(ledger, led, delivered, health, acked, opts, arrival)
     lost = acked & ~health & ~delivered & ~dead & ~sampled_out
+    queued = np.zeros(n, bool)
+    if not opts.drained:
+        for stage in ("agent", "dedup", "tail", "routing"):
+            queued |= counts.get(stage, zero) > 0
+        queued &= lost
+        lost &= ~queued
     raw, deduped = counts.get("agent", zero), counts.get("dedup", zero)
     routed = stages.get("routing", empty)
     misrouted = 0
@@ -109,6 +118,7 @@ def account(ledger: Ledger, signal: str, stages: dict[str, Observation], opts: O
         "sink_duplicates": int(np.clip(sink_count - 1, 0, None).sum()),
         "misrouted": misrouted,
         "lost": int(lost.sum()),
+        "queued_at_end": int(queued.sum()),
         "foreign_items": int(sum((s < 0).sum() for s in seqs.values())),
     }
     lost_examples = np.flatnonzero(lost)[:10].tolist()

@@ -10,7 +10,7 @@ from typing import Any
 from loadtest.accounting import STAGE_ORDER
 
 FATES = ("offered", "acked", "refused", "delivered", "filtered", "sampled_out", "deduplicated",
-         "dead_lettered", "lost", "sink_duplicates", "misrouted")
+         "dead_lettered", "lost", "queued_at_end", "sink_duplicates", "misrouted")
 
 
 def _fmt(value: Any) -> str:
@@ -40,8 +40,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["## Accounting (items)", "", "| fate | " + " | ".join(signals) + " |",
               "|---|" + "---|" * len(signals)]
     for fate in FATES:
-        lines.append(f"| {fate} | " + " | ".join(_fmt(result["signals"][s]["fates"][fate]) for s in signals)
-                     + " |")
+        cells = " | ".join(_fmt(result["signals"][s]["fates"].get(fate, 0)) for s in signals)
+        lines.append(f"| {fate} | {cells} |")
     lines += ["", "## Rates (items/s over the load window)", "",
               "| stage | " + " | ".join(signals) + " |", "|---|" + "---|" * len(signals)]
     for stage in ("offered", "accepted", *STAGE_ORDER):

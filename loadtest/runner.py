@@ -271,7 +271,8 @@ class Run:
         pct = sc.pipeline.tail_sampling.probabilistic.sampling_percentage if sc.pipeline.tail_sampling else 0
         wait = sc.pipeline.tail_sampling.decision_wait.total_seconds() if sc.pipeline.tail_sampling else 0.0
         opts = Options(agent_filter=sc.pipeline.target != "kafka", tail_sampling=self.tail,
-                       sampling_percentage=pct, decision_wait_s=wait, start_ns=outcome["start_ns"])
+                       sampling_percentage=pct, decision_wait_s=wait, start_ns=outcome["start_ns"],
+                       drained=outcome["drained"])
         signals: dict[str, Any] = {}
         for signal, obs in stages.items():
             if ledger[signal].items == 0:

@@ -216,3 +216,18 @@ def test_an_error_trace_held_back_upstream_past_decision_wait_is_reported_not_fa
     assert s["ok"], s
     assert (s["error_traces_delayed"], s["error_traces_delayed_dropped"]) == (1, 1)
     assert s["error_traces_kept"] == s["error_traces"] - 1
+
+
+def test_when_the_drain_timed_out_items_still_in_kafka_are_queued_not_lost() -> None:
+    ledger = _ledger("logs", requests=3)
+    keep = np.ones(ledger["logs"].items, bool)
+    stages = _stages(ledger, "logs", keep, DELAYS)
+    behind = np.arange(5, 12)  # reached dedup, not routing or the archive yet
+    for stage, missing in (("agent", [0]), ("dedup", [0]), ("routing", [0, *behind]), ("sink", [0, *behind])):
+        obs = stages[stage]  # item 0 never reached Kafka: lost either way
+        mask = ~np.isin(obs.ids, missing)
+        stages[stage] = Observation(stage, "logs", obs.ids[mask], obs.ts_ns[mask], obs.tenant[mask])
+    drained = account(ledger, "logs", stages, Options(start_ns=NOW))["fates"]
+    assert (drained["lost"], drained["queued_at_end"]) == (8, 0)
+    cut = account(ledger, "logs", stages, Options(start_ns=NOW, drained=False))["fates"]
+    assert (cut["lost"], cut["queued_at_end"]) == (1, 7)

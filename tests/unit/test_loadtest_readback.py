@@ -30,6 +30,7 @@ from loadtest.readback import (
     span_seqs,
     time_slices,
 )
+from loadtest.report import FATES as REPORTED_FATES
 from loadtest.report import markdown
 from loadtest.scenario import MetricShape, Scenario, Workload
 from streams.sinks.prom_translate_names import Kind, label_name, metric_name
@@ -130,8 +131,7 @@ def test_names_are_what_the_sinks_translation_makes_of_the_generators_items() ->
     assert label_name(ID_ATTRIBUTE) == LOG_ID_FIELD and label_name(SERIES_ATTRIBUTE) == SERIES_LABEL
 
 
-FATES = ("offered", "acked", "refused", "delivered", "filtered", "sampled_out", "deduplicated",
-         "dead_lettered", "lost", "sink_duplicates", "misrouted", "filter_leaks")
+FATES = (*REPORTED_FATES, "filter_leaks")
 
 
 def _backends_result() -> dict[str, dict[str, object]]:
