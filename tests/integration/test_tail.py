@@ -196,8 +196,11 @@ class Load:
 
 def test_kill_9_under_load_loses_no_sampled_span_and_emits_none_twice(kafka_bootstrap: str,
                                                                      tmp_path: Path) -> None:
-    with StageEnv(kafka_bootstrap, tmp_path, ALWAYS, partitions=4) as env:
+    routed = (f"{ALWAYS}    routing: {{table: [{{value: tenant-a, exporters: [file/archive]}}]}}\n"
+              f"  exporters:\n    file/archive: {{path: \"{tmp_path / 'archive'}\"}}\n")
+    with StageEnv(kafka_bootstrap, tmp_path, routed, partitions=4) as env:
         names, boot = env.topology.topic_names, env.bootstrap
+        env.worker("route").start().wait_ready()  # downstream as deployed: tenant topics must be exact too
         victim = env.worker("tail", "victim").start().wait_ready()
         survivor = env.worker("tail", "survivor").start().wait_ready()
         load = Load()
@@ -216,3 +219,11 @@ def test_kill_9_under_load_loses_no_sampled_span_and_emits_none_twice(kafka_boot
         assert set(got) == set(load.sent), f"{len(set(load.sent) - set(got))} spans lost"
         assert max(got.values()) == 1, f"{sum(1 for c in got.values() if c > 1)} spans emitted twice"
         assert "Worker ready" in survivor.log()
+
+        def tenant_topics() -> Counter[bytes]:
+            return (span_ids(read_all(boot, names.tenant("tenant-a", "traces"), settle=0.5))
+                    + span_ids(read_all(boot, names.unrouted("traces"), settle=0.5)))
+        wait_until(lambda: len(tenant_topics()) >= len(load.sent), 120, "every span in the tenant topics")
+        routed_ids = tenant_topics()
+        assert set(routed_ids) == set(load.sent)
+        assert max(routed_ids.values()) == 1, f"{sum(c > 1 for c in routed_ids.values())} spans routed twice"
