@@ -10,12 +10,18 @@ the sinks — so everything acknowledged moves on before its consumer stops.
 
 Each child gets its own port for ``/metrics`` (chosen when the plan is made, kept across restarts) and
 ``on_change`` hears of every start and exit, so `kotel up` can keep its state file current.
+
+Children run in their own session (a terminal's Ctrl-C reaches only the supervisor, which stops them in
+order), so they would outlive a supervisor that is killed or crashes; on Linux each child therefore asks
+the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import signal
 import socket
 import sys
@@ -44,6 +50,17 @@ class Child:
     started_at: float = 0.0  # monotonic, for the backoff reset
     started_unix: float | None = None
     log_file: Path = field(default_factory=Path)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child between fork and exec: SIGTERM when the supervisor dies (Linux; elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -162,7 +179,7 @@ class Supervisor:
             with child.log_file.open("ab") as log:
                 child.process = await asyncio.create_subprocess_exec(
                     *child.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True)
+                    start_new_session=True, preexec_fn=_die_with_parent)
                 child.started_at, child.started_unix = time.monotonic(), time.time()
                 child.state = "running"
                 self.on_change()

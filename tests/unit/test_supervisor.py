@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -141,3 +142,44 @@ def test_the_demo_lists_the_parquet_files_written_since_it_began(
     assert capsys.readouterr().out == f"  {new}/: 2 Parquet files, 5 rows\n"
     up_cli._print_parquet(tmp_path, time.time() + 60)
     assert capsys.readouterr().out == f"  no Parquet file written under {tmp_path} since the demo started\n"
+
+
+def test_children_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
+    """kill -9 of `kotel up` (no ordered stop possible): its children still end, none is orphaned."""
+    script = f"""
+import asyncio, os, sys
+os.environ["KOTEL_HOME"] = {str(tmp_path)!r}
+from kotel.supervisor import Child, Supervisor
+child = Child("sleeper", [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(300)"], "")
+async def main():
+    task = asyncio.create_task(Supervisor([child], grace=5).run())
+    while child.process is None:
+        await asyncio.sleep(0.05)
+    print(child.process.pid, flush=True)
+    await task
+asyncio.run(main())
+"""
+    supervisor = psutil.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert supervisor.stdout is not None
+        pid = int(supervisor.stdout.readline())
+        # the child is running and done writing (a child still starting up would die of a broken pipe)
+        assert supervisor.stdout.readline().strip() == "[sleeper] up"
+        supervisor.kill()
+        supervisor.wait(10)
+        child = psutil.Process(pid)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _running(child):
+            time.sleep(0.05)
+        assert not _running(child), "the child outlived its killed supervisor"
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+
+
+def _running(process: psutil.Process) -> bool:
+    """Alive and not a zombie (an orphan's exit is reaped by whatever init this machine has, maybe late)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
