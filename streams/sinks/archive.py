@@ -5,21 +5,18 @@ renamed), so "accepted" means durable and a crash can never leave a half-written
 committed offset points past. Rows keep the OTLP request bytes whole, so the archive can be replayed
 into a topic losslessly (``kotel replay``), plus the columns needed to find things without decoding.
 
-Re-delivery. Offsets are committed after the files are durable, so a crash, a failed commit (the broker
-away) or a rebalance in between hands the same records over again. Each file holds one topic
-partition's records and names its offset range, so when a partition's records stop following on from
-the last one delivered, the sink reads the offsets already archived from that point on and skips them
-(`ArchivedOffsets`): the archive holds each record once, which replay and the load test's accounting
-rely on. A batch cut short by a crash leaves whole files only, so the skip is exact.
+A record delivered again (after a restart, a rebalance or a failed commit) is skipped when the archive
+already holds it (`streams.sinks.archive_journal`), so the archive holds each record once: replay and
+the load test's accounting rely on that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -32,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from kotel.otlp import Signal, count_items, decode_protobuf
 from kotel.topology.exporters import FileExporterConfig
+from streams.sinks.archive_journal import ArchivedOffsets
 from streams.sinks.runtime import OK, Outcome, Result, SinkRecord
 
 SCHEMA = pa.schema([
@@ -41,44 +39,8 @@ SCHEMA = pa.schema([
 ])
 
 
-_NAME = re.compile(r"part-\d+-(?P<topic>.+)-p(?P<partition>\d+)-o(?P<first>\d+)-(?P<last>\d+)\.parquet")
-
-
 def _safe(value: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in value) or "_"
-
-
-def file_name(topic: str, partition: int, first: int, last: int) -> str:
-    """``part-<ns written>-<topic>-p<partition>-o<first>-<last>.parquet`` (the load test times by ns)."""
-    return f"part-{time.time_ns()}-{_safe(topic)}-p{partition}-o{first}-{last}.parquet"
-
-
-class ArchivedOffsets:
-    """Which offsets of a topic partition the archive already holds, from ``offset`` on."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._next: dict[tuple[str, int], int] = {}
-        self._held: dict[tuple[str, int], set[int]] = {}
-
-    def already_archived(self, record: SinkRecord) -> bool:
-        tp = (record.topic, record.partition)
-        if self._next.get(tp) != record.offset:  # first sight, a restart, a rebalance or a retry
-            self._held[tp] = self._scan(record.signal, record.topic, record.partition, record.offset)
-        self._next[tp] = record.offset + 1
-        held = self._held.get(tp)
-        return bool(held) and record.offset in held  # type: ignore[operator]
-
-    def _scan(self, signal: str, topic: str, partition: int, offset: int) -> set[int]:
-        held: set[int] = set()
-        pattern = f"tenant=*/signal={_safe(signal)}/date=*/part-*-{_safe(topic)}-p{partition}-o*.parquet"
-        for path in self.root.glob(pattern):
-            match = _NAME.fullmatch(path.name)
-            if match is None or int(match["last"]) < offset or match["topic"] != _safe(topic):
-                continue
-            column = pq.read_table(path, columns=["offset"]).column("offset").to_pylist()
-            held.update(o for o in column if o >= offset)
-        return held
 
 
 class ParquetArchive:
@@ -100,42 +62,53 @@ class ParquetArchive:
                                "archive already held", ["sink"], registry=registry)
 
     async def deliver(self, records: Sequence[SinkRecord]) -> list[Result]:
-        groups: dict[tuple[str, str, date, str, int], list[int]] = defaultdict(list)
-        fresh = await asyncio.to_thread(lambda: [not self.archived.already_archived(r) for r in records])
-        for i, record in enumerate(records):
-            if not fresh[i]:
-                continue
-            day = datetime.fromtimestamp(max(record.timestamp_ms, 0) / 1000, UTC).date()
-            groups[(record.tenant, record.signal, day, record.topic, record.partition)].append(i)
+        fresh = await asyncio.to_thread(self.archived.fresh, records)
+        groups: dict[tuple[str, str, date], list[SinkRecord]] = defaultdict(list)
+        for record, new in zip(records, fresh, strict=True):
+            if new:
+                day = datetime.fromtimestamp(max(record.timestamp_ms, 0) / 1000, UTC).date()
+                groups[(record.tenant, record.signal, day)].append(record)
         skipped = len(records) - sum(fresh)
         if skipped:
             self.skipped.labels(self.name).inc(skipped)
         results: list[Result] = [OK] * len(records)
-        for (tenant, signal, day, _, _), indexes in groups.items():
-            rows = [records[i] for i in indexes]
+        if groups:
             try:
-                await asyncio.to_thread(self._write, tenant, signal, day, rows)
+                await asyncio.to_thread(self._write, groups)
             except OSError as exc:  # a full or failing disk: keep the offsets, try again later
-                for i in indexes:
-                    results[i] = Result(Outcome.RETRY, f"archive write failed: {exc.strerror or exc}")
+                retry = Result(Outcome.RETRY, f"archive write failed: {exc.strerror or exc}")
+                results = [retry if new else OK for new in fresh]
         if self.max_days and time.monotonic() - self._last_prune > 3600:
             self._last_prune = time.monotonic()
             await asyncio.to_thread(prune, self.root, self.max_days)
         return results
 
-    def _write(self, tenant: str, signal: str, day: date, rows: list[SinkRecord]) -> None:
-        folder = self.root / f"tenant={_safe(tenant)}" / f"signal={_safe(signal)}" / f"date={day.isoformat()}"
-        folder.mkdir(parents=True, exist_ok=True)
-        chunk: list[SinkRecord] = []
-        size = 0
-        for row in rows:  # rotation: no file beyond max_megabytes of payload
-            if chunk and size + len(row.value) > self.max_bytes:
-                _write_file(folder, chunk, signal)
-                chunk, size = [], 0
-            chunk.append(row)
-            size += len(row.value)
-        if chunk:
-            _write_file(folder, chunk, signal)
+    def _write(self, groups: dict[tuple[str, str, date], list[SinkRecord]]) -> None:
+        """Temporary files, then their journal entries, then the renames (see archive_journal)."""
+        written: list[Written] = []
+        for (tenant, signal, day), rows in groups.items():
+            folder = (self.root / f"tenant={_safe(tenant)}" / f"signal={_safe(signal)}"
+                      / f"date={day.isoformat()}")
+            folder.mkdir(parents=True, exist_ok=True)
+            chunk: list[SinkRecord] = []
+            size = 0
+            for row in rows:  # rotation: no file beyond max_megabytes of payload
+                if chunk and size + len(row.value) > self.max_bytes:
+                    written.append(_write_temporary(folder, chunk, signal))
+                    chunk, size = [], 0
+                chunk.append(row)
+                size += len(row.value)
+            if chunk:
+                written.append(_write_temporary(folder, chunk, signal))
+        self.archived.journal.append(_journal_entries(written))
+        for tmp, final, _ in written:
+            tmp.rename(final)
+        for folder in {final.parent for _, final, _ in written}:
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     async def close(self) -> None:
         return None
@@ -148,25 +121,33 @@ def _items(signal: str, value: bytes) -> int:
         return 0
 
 
-def _write_file(folder: Path, rows: list[SinkRecord], signal: str) -> None:
-    offsets = [r.offset for r in rows]
+Written = tuple[Path, Path, list[SinkRecord]]  # temporary path, final path, rows
+
+
+def _write_temporary(folder: Path, rows: list[SinkRecord], signal: str) -> Written:
     table = pa.table({
         "topic": [r.topic for r in rows], "partition": [r.partition for r in rows],
-        "offset": offsets, "key": [r.key for r in rows],
+        "offset": [r.offset for r in rows], "key": [r.key for r in rows],
         "timestamp": [r.timestamp_ms for r in rows], "items": [_items(signal, r.value) for r in rows],
         "headers": [list(r.headers) for r in rows], "value": [r.value for r in rows],
     }, schema=SCHEMA)
-    name = file_name(rows[0].topic, rows[0].partition, min(offsets), max(offsets))
+    name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"  # the load test times files by the ns
     tmp = folder / f".{name}.tmp"
     pq.write_table(table, tmp, compression="zstd")
     with tmp.open("rb") as handle:
         os.fsync(handle.fileno())
-    tmp.rename(folder / name)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return tmp, folder / name, rows
+
+
+def _journal_entries(written: list[Written]) -> list[tuple[str, int, int, int, Path]]:
+    entries = []
+    for _, final, rows in written:
+        ranges: dict[tuple[str, int], list[int]] = {}
+        for row in rows:
+            span = ranges.setdefault((row.topic, row.partition), [row.offset, row.offset])
+            span[0], span[1] = min(span[0], row.offset), max(span[1], row.offset)
+        entries += [(topic, part, first, last, final) for (topic, part), (first, last) in ranges.items()]
+    return entries
 
 
 def prune(root: Path, max_days: int, today: date | None = None) -> list[Path]:

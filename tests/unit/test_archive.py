@@ -100,3 +100,24 @@ def test_offsets_of_other_partitions_and_topics_do_not_count(tmp_path: Path) -> 
     asyncio.run(fresh.deliver(_records("t.logs", 1, range(3)) + _records("t.logsx", 2, range(3))))
     assert len(_archived(tmp_path)) == 12
     assert fresh.skipped.labels("a")._value.get() == 0
+
+
+def test_a_crash_between_journal_and_rename_writes_the_records_again(tmp_path: Path) -> None:
+    config = FileExporterConfig(path=str(tmp_path))
+    asyncio.run(ParquetArchive("a", config).deliver(_records("t.logs", 0, range(4))))
+    for final in tmp_path.glob("tenant=*/signal=*/date=*/part-*.parquet"):
+        final.rename(final.with_name(f".{final.name}.tmp"))  # as if the rename never happened
+    assert read_archive(tmp_path).num_rows == 0
+    again = ParquetArchive("a", config)
+    assert asyncio.run(again.deliver(_records("t.logs", 0, range(4)))) == [OK] * 4
+    assert _archived(tmp_path) == [("t.logs", 0, o) for o in range(4)]
+    assert again.skipped.labels("a")._value.get() == 0
+
+
+def test_files_are_per_tenant_signal_and_day_not_per_partition(tmp_path: Path) -> None:
+    archive = ParquetArchive("a", FileExporterConfig(path=str(tmp_path)))
+    asyncio.run(archive.deliver(_records("t.logs", 0, range(3)) + _records("t.logs", 1, range(3))))
+    assert len(list(tmp_path.glob("tenant=*/signal=*/date=*/part-*.parquet"))) == 1
+    journal = (tmp_path / ".journal" / "offsets.tsv").read_text().splitlines()
+    assert [line.split("\t")[:4] for line in journal] == [["t.logs", "0", "0", "2"],
+                                                         ["t.logs", "1", "0", "2"]]
