@@ -189,4 +189,4 @@ def test_every_shipped_scenario_is_valid() -> None:
 
     folder = Path(__file__).resolve().parents[2] / "loadtest" / "scenarios"
     names = {load_scenario(p).name for p in folder.glob("*.yaml")}
-    assert names == {"smoke", "baseline", "burst", "soak", "outage"}
+    assert names == {"smoke", "baseline", "burst", "soak", "outage", "latency"}
