@@ -199,7 +199,9 @@ class Shapes:
             )
             if k == failing:
                 span.status.CopyFrom(_STATUS_ERROR)
-            late = k > 0 and rng.random() < shape.late_share
+            # Never the ERROR span: a trace decided without it is rightly dropped by any tail sampler,
+            # and the run checks that every ERROR trace is kept.
+            late = k > 0 and k != failing and rng.random() < shape.late_share
             self._emit(batch, self._pick_instance(rng, tenant, service), span, first + k, tenant,
                        flags | (LATE if late else 0), trace_seq, late_until=now_ns + _ns(shape.late_by)
                        if late else 0)

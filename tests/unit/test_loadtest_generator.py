@@ -190,3 +190,18 @@ def test_every_shipped_scenario_is_valid() -> None:
     folder = Path(__file__).resolve().parents[2] / "loadtest" / "scenarios"
     names = {load_scenario(p).name for p in folder.glob("*.yaml")}
     assert names == {"smoke", "baseline", "burst", "soak", "outage", "latency"}
+
+
+def test_the_error_span_of_a_trace_is_never_held_back() -> None:
+    """A trace decided without its ERROR span is rightly dropped; the run checks every one is kept."""
+    shapes, _ = make(traces=TraceShape(late_share=0.9, error_share=1.0, health_share=0,
+                                       late_by=timedelta(seconds=1)))
+    on_time = shapes.traces(NOW, 400)
+    late = shapes.traces(NOW + 2 * 10**9, 0)
+    assert on_time is not None and late is not None and late.items > 0
+
+    def errors(built: object) -> int:
+        request = built.request  # type: ignore[attr-defined]
+        return sum(s.status.code == 2 for rs in request.resource_spans for ss in rs.scope_spans
+                   for s in ss.spans)
+    assert errors(late) == 0 and errors(on_time) > 0
