@@ -381,7 +381,7 @@ class OffsetGuard:
             log.warning("%s[%d]: records up to %d are waiting but none arrive; reading again from %d",
                         tp.topic, tp.partition, highwater - 1, start)
             self.rewinds += 1
-            await consumer.seek(tp, start)
+            await seek(self.app, tp, start)
         self._suspects = suspects
 
     def hold_while(self, name: str, busy: Callable[[], bool]) -> None:
@@ -411,7 +411,7 @@ class OffsetGuard:
                     msg.topic, msg.partition, msg.offset, expected, expected)
         self.rewinds += 1
         track.rewound_at = time.monotonic()
-        await self.app.consumer.seek(msg.tp, expected)
+        await seek(self.app, msg.tp, expected)
         return False
 
     async def _committed(self, tp: Any) -> int | None:
@@ -435,6 +435,22 @@ class OffsetGuard:
             return records[0].offset if records else None
         finally:
             await consumer.stop()
+
+
+async def seek(app: faust.App, tp: Any, offset: int) -> None:
+    """Seek Faust's consumer from its own thread.
+
+    Faust's ``Consumer.seek`` calls aiokafka's ``seek`` from the app's loop while aiokafka runs in the
+    consumer thread; a seek landing in the middle of the fetcher's ``fetched_records`` crashed it
+    (``KeyError`` in ``del self._records[tp]``, seen under load in the baseline and soak runs).
+    """
+    consumer = app.consumer
+    thread = getattr(consumer, "_thread", None)
+    if thread is None or not hasattr(thread, "call_thread"):
+        await consumer.seek(tp, offset)
+        return
+    await thread.call_thread(thread.seek, tp, offset)
+    consumer._read_offset[tp] = offset if offset else None  # as Consumer.seek does (livelock detection)
 
 
 def _succeeded(future: Awaitable[Any]) -> bool:
