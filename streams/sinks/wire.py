@@ -16,6 +16,7 @@ from typing import NoReturn, TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from kotel.otlp import OtlpDecodeError, Signal, decode_protobuf
+from kotel.otlp.sizing import encode_varint
 
 M = TypeVar("M", bound=Message)
 _DOUBLE = struct.Struct("<Bd")  # a field-1 double: tag 0x09, then the value
@@ -33,14 +34,7 @@ def varint(n: int) -> bytes:
         if n < 0x200000:
             return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
         return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21))
-    if n < 0:
-        n &= _UINT64
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    return encode_varint(n & _UINT64 if n < 0 else n)  # five bytes or more, or negative: the core's loop
 
 
 def field(tag: int, payload: bytes) -> bytes:
