@@ -392,3 +392,23 @@ async def test_a_batch_is_acked_after_its_state_without_holding_up_the_next() ->
     states[0].set_result(None)
     await asyncio.wait_for(acks.drained(), 1)
     assert stream.acked == ["e1", "e2", "e3", "e4"] and len(acks) == 0
+
+
+async def test_record_values_in_flight_are_bounded_by_bytes() -> None:
+    """A backlog of large records must not all sit in memory waiting for their acks."""
+
+    class Event:
+        def __init__(self, name: str, size: int) -> None:
+            self.name, self.message = name, type("M", (), {"value": b"x" * size})()
+
+    stream = FakeStream()
+    acks = OrderedAcks(stream, None, max_in_flight=100, max_bytes=1000)  # type: ignore[arg-type]
+    output = asyncio.get_running_loop().create_future()
+    await acks.submit(Event("a", 600), [output])  # type: ignore[arg-type]
+    second = asyncio.ensure_future(acks.submit(Event("b", 600), []))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert not second.done()  # 1200 bytes would be over the bound: it waits for the first ack
+    output.set_result(None)
+    await asyncio.wait_for(second, 1)
+    await asyncio.wait_for(acks.drained(), 1)
+    assert [e.name for e in stream.acked] == ["a", "b"]  # type: ignore[attr-defined]

@@ -162,9 +162,11 @@ asyncio.run(main())
     supervisor = psutil.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert supervisor.stdout is not None
-        pid = int(supervisor.stdout.readline())
-        # the child is running and done writing (a child still starting up would die of a broken pipe)
-        assert supervisor.stdout.readline().strip() == "[sleeper] up"
+        # the child's pid, and its one line relayed: it is running and done writing (a child still
+        # starting up would die of a broken pipe instead); the two lines come in either order
+        lines = {supervisor.stdout.readline().strip() for _ in range(2)}
+        assert "[sleeper] up" in lines
+        pid = int((lines - {"[sleeper] up"}).pop())
         supervisor.kill()
         supervisor.wait(10)
         child = psutil.Process(pid)
