@@ -169,6 +169,9 @@ def read_archive(root: str | os.PathLike[str], **equals: str) -> pa.Table:
     """The archive as one table (tenant, signal and date as columns); ``equals`` filters them."""
     dataset = ds.dataset(str(root), format="parquet", partitioning="hive",
                          exclude_invalid_files=True, ignore_prefixes=["."])
+    if not dataset.files:  # nothing renamed into place yet (a first batch's journal may be there already)
+        return pa.schema([*SCHEMA, ("tenant", pa.string()), ("signal", pa.string()),
+                          ("date", pa.string())]).empty_table()
     expression = None
     for column, value in equals.items():
         term = ds.field(column) == value

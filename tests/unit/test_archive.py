@@ -121,3 +121,13 @@ def test_files_are_per_tenant_signal_and_day_not_per_partition(tmp_path: Path) -
     journal = (tmp_path / ".journal" / "offsets.tsv").read_text().splitlines()
     assert [line.split("\t")[:4] for line in journal] == [["t.logs", "0", "0", "2"],
                                                          ["t.logs", "1", "0", "2"]]
+
+
+def test_an_archive_with_no_file_in_place_yet_reads_as_empty(tmp_path: Path) -> None:
+    (tmp_path / ".journal").mkdir()
+    (tmp_path / ".journal" / "offsets.tsv").write_text("t\t0\t0\t0\tx.parquet\n")
+    folder = tmp_path / "tenant=a" / "signal=logs" / "date=2026-11-26"
+    folder.mkdir(parents=True)
+    (folder / ".part-1.parquet.tmp").write_bytes(b"PAR1 half written")
+    table = read_archive(tmp_path, tenant="a")
+    assert table.num_rows == 0 and {"tenant", "signal", "value", "offset"} <= set(table.column_names)
