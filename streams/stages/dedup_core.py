@@ -1,9 +1,10 @@
 """Dedup over OTLP requests, without Faust: item identities, the keep decision, and the rebuild.
 
-An item is a span, a log record or a metric data point. Its identity is a 16-byte BLAKE2b digest of a
-canonical serialization (attribute order never matters), so it is stable across processes and releases
-and is what the stage keeps in RocksDB. The binding works on batches: `identify` one request, look its
-identities up in bulk, then `apply_keep` removes the duplicates and sorts what is left.
+An item is a span, a log record or a metric data point. Its identity is a 16-byte digest of a canonical
+serialization (attribute order never matters), so it is stable across processes and releases and is what
+the stage keeps in RocksDB: BLAKE2b for logs and points, a vectorised hash for spans (`dedup_hash`).
+The binding works on batches: `identify` one request, look its identities up in bulk, then `apply_keep`
+removes the duplicates and sorts what is left.
 
 The stage's hot path is `identify_records`, a batch of records at once: spans are read on the wire
 (`kotel.otlp.spanwire`) and a record is rebuilt only when a duplicate or an out-of-order scope asks
@@ -25,7 +26,8 @@ from typing import Any
 from google.protobuf.message import Message
 
 from kotel.otlp import OtlpDecodeError, Signal, count_items, decode_protobuf
-from kotel.otlp.spanwire import MATERIAL_SIZE, WireSpans, read_many
+from kotel.otlp.spanwire import WireSpans, read_many
+from streams.stages.dedup_hash import span_digests
 
 IDENTITY_SIZE = 16
 
@@ -111,7 +113,7 @@ def _span_ids_suspect(tids: tuple[bytes, ...], sids: tuple[bytes, ...]) -> bool:
 
 
 def _identify_spans(request: Any, items: Items) -> None:
-    blake, extend, size = _blake, items.ids.extend, IDENTITY_SIZE
+    extend = items.ids.extend
     group = 0
     for rs in request.resource_spans:
         for ss in rs.scope_spans:
@@ -126,7 +128,7 @@ def _identify_spans(request: Any, items: Items) -> None:
                 extend([_digest(t + s + _span_tail(st, len(t), len(s))) for t, s, st in fields])
             else:
                 material = _span_material
-                extend([blake(material(t, s, st, 16, 8), digest_size=size).digest() for t, s, st in fields])
+                extend(span_digests(b"".join([material(t, s, st, 16, 8) for t, s, st in fields])))
             if not _is_sorted(starts):
                 items.unordered.add(group)
             group += 1
@@ -323,13 +325,6 @@ class Record:
         return kept.SerializeToString() if kept is not None else None
 
 
-def _digests(material: bytes) -> list[bytes]:
-    """One identity per MATERIAL_SIZE bytes, for a whole batch of records in one comprehension."""
-    view, size, blake = memoryview(material), MATERIAL_SIZE, _blake
-    return [blake(view[i:i + size], digest_size=IDENTITY_SIZE).digest()
-            for i in range(0, len(material), size)]
-
-
 def _wire_items(spans: WireSpans, ids: list[bytes]) -> Items:
     items = Items(ids)
     starts, pos = spans.starts, 0
@@ -346,7 +341,7 @@ def identify_records(signal: Signal, values: Sequence[bytes]) -> list[Record | O
     found: list[Record | OtlpDecodeError | None] = [None] * len(values)
     if signal is Signal.TRACES:
         wire = [(i, spans) for i, spans in enumerate(read_many(values)) if spans is not None]
-        ids = _digests(b"".join(spans.material for _, spans in wire))
+        ids = span_digests(b"".join([spans.material for _, spans in wire]))
         pos = 0
         for i, spans in wire:
             found[i] = Record(values[i], _wire_items(spans, ids[pos:pos + len(spans)]), None, spans)
