@@ -9,8 +9,13 @@ traces in slices of about ``SLICE_SECONDS`` of work, yielding to the event loop 
 million pending traces never stall it. Inputs are acked (OrderedAcks) only once their outputs and their
 log record are acknowledged.
 
-Deadlines run on stream time (the partition's latest input time, moving on with the clock while
-no input comes), so a backlog is decided as its spans were produced rather than all at once.
+Deadlines run on event time, not on the wall clock: a trace is stamped with its first span's record time
+and decided once the partition's decision clock passes stamp + decision_wait. That clock is a low
+watermark (streams.stages.tail_clock): each bundle carries its regrouper's watermark, the slowest clock
+of the source partitions it holds, and a partition decides on the lowest watermark of its regroupers,
+each moving on with the clock while nothing is heard from it. So a source partition that lags holds
+decisions back until its spans of the same time are in, and a backlog is decided as its spans were
+produced rather than all at once. Bundles without watermark headers count by their record time.
 
 Exactly once in effect, without transactions. A per-partition lock orders state changes. A record is
 logged only once the outputs it implies are acknowledged, and it carries the last output offset it
@@ -26,37 +31,45 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Awaitable
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 from faust.types import EventT, StreamT
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kotel.kafka.admin import ensure_topic
 from kotel.otlp import OtlpDecodeError, Signal, decode_protobuf, validate_request
 from kotel.topology import Topology
-from streams.app import OffsetGuard, OrderedAcks, aiokafka_options, fatal, metrics_of
+from streams.app import OffsetGuard, OrderedAcks, fatal, metrics_of
 from streams.deadletter import DeadLetter
+from streams.stages.tail_clock import (
+    BadWatermark,
+    DecisionClock,
+    RegroupClock,
+    read_watermark,
+    watermark_headers,
+    without_watermark,
+)
 from streams.stages.tail_core import (
     INDEX_HEADER,
     NO_COVER,
     Cover,
     encode_bundle,
+    encode_clock,
     encode_decisions,
     fragments,
     output_headers,
     regroup,
     trace_partition,
-    traces_of,
 )
+from streams.stages.tail_metrics import TailMetrics
 from streams.stages.tail_policies import TailSampler
 from streams.stages.tail_state import Limits, Output, Plan
-from streams.stages.tail_store import TraceTable, changelog_retention
+from streams.stages.tail_store import TraceTable, changelog_retention, read_outputs, topic_partitions
 
 log = logging.getLogger("kotel.tail")
 
@@ -64,36 +77,12 @@ TICK = 0.1  # seconds between decision rounds
 SLICE_SECONDS = 0.02  # synchronous decision work between two yields to the event loop
 MAX_IN_FLIGHT = 256
 MAX_SLICES_IN_FLIGHT = 4  # decided slices per partition waiting for their outputs
-_LATENESS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900)
+CLOCK_LOG_MS = 1000  # the decision clock is logged (W record) this much behind, so jitter needs no record
+REGROUPER_EXPIRY_MS = 60_000  # at least: a regrouper unheard this long stops holding decisions back
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-class TailMetrics:
-    """What became of each trace and span, beside the worker's generic counters."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.traces = Counter("kotel_tail_traces_decided", "Traces decided, by decision and deciding policy "
-                              "('' when none matched)", ["decision", "policy"], registry=r)
-        self.spans = Counter("kotel_tail_spans_decided", "Spans of decided traces, by decision and policy",
-                             ["decision", "policy"], registry=r)
-        self.late = Counter("kotel_tail_late_spans", "Spans arriving after their trace's decision, which "
-                            "they follow", ["decision"], registry=r)
-        self.lateness = Histogram("kotel_tail_late_span_lateness_seconds", "Time between a trace's decision "
-                                  "and its late spans", ["decision"], buckets=_LATENESS, registry=r)
-        self.truncated = Counter("kotel_tail_truncated_spans", "Spans dropped because their trace reached a "
-                                 "limit", ["limit"], registry=r)
-        self.early = Counter("kotel_tail_early_decisions", "Traces decided before decision_wait, by limit",
-                             ["reason"], registry=r)
-        self.primed = Counter("kotel_tail_recovered_spans", "Emitted spans found in the output after a "
-                              "takeover and not emitted again", registry=r)
-        self.pending = Gauge("kotel_tail_pending_traces", "Traces waiting for a decision (active "
-                             "partitions)", registry=r)
-        self.slice = Histogram("kotel_tail_decision_slice_seconds", "Event-loop time of one slice of "
-                               "decisions", buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1), registry=r)
 
 
 class TailStage:
@@ -121,7 +110,11 @@ class TailStage:
         self._locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._primed: dict[int, int] = {}
         self._covers: dict[int, Cover] = {}
-        self._clocks: dict[int, tuple[int, float]] = {}  # stream time ms, monotonic time it was seen
+        self.regrouper = uuid.uuid4().hex.encode()  # this process's id in the watermark headers
+        self.sources = RegroupClock()
+        self._clocks: dict[int, DecisionClock] = {}
+        wait = self.limits.decision_wait_ms + self.limits.root_wait_ms
+        self._expiry_ms = max(REGROUPER_EXPIRY_MS, 2 * wait)
         self._deciding: dict[int, int] = defaultdict(int)  # decided slices whose record is not logged yet
         self._finishing: dict[int, asyncio.Future[None]] = {}  # the last of them
         self._out_partitions = 0
@@ -141,10 +134,14 @@ class TailStage:
         app.agent(source, name="tail-regroup")(self._regroup_agent)
         app.agent(regrouped, name="tail-buffer")(self._buffer_agent)
         app.task(self._decider)
+        app.on_partitions_assigned.connect(self._assigned)
         self.guard = OffsetGuard(app, self.topology.kafka, [self.source, self.regrouped])
         self.metrics.add_sampler(self._sample)
 
     # --- regroup: instance-keyed records -> one bundle per trace partition ------------------------
+
+    async def _assigned(self, _app: Any, assigned: set[TopicPartition], **_: Any) -> None:
+        self.sources.keep(tp for tp in assigned if tp.topic == self.source)
 
     async def _regroup_agent(self, stream: StreamT) -> None:
         manual = stream.noack()
@@ -152,6 +149,9 @@ class TailStage:
         self.guard.hold_while("regroup", lambda: len(acks) > 0)
         async for event in manual.events():
             if await self.guard.admit(event):
+                msg = event.message
+                stamp = int(msg.timestamp * 1000) if msg.timestamp else _now_ms()
+                self.sources.admitted(msg.tp, stamp, time.monotonic())
                 await self._regroup(event, acks)
 
     async def _regroup(self, event: EventT, acks: OrderedAcks) -> None:
@@ -173,6 +173,8 @@ class TailStage:
             return
         self.metrics.items_in.labels(*labels).inc(spans)
         producer = await self.app.maybe_start_producer()
+        mark = watermark_headers(self.regrouper, self.sources.watermark(_now_ms(), time.monotonic()))
+        headers = [*without_watermark(headers), *mark]
         futures = [await producer.send(self.regrouped, msg.key, value, partition=p, timestamp=msg.timestamp,
                                        headers=[*headers, (INDEX_HEADER, index)])
                    for p, (value, index) in parts.items()]
@@ -201,14 +203,23 @@ class TailStage:
             await acks.submit(event, [future])
             return
         tenant = next((v.decode(errors="replace") for k, v in headers if k == "kotel.tenant"), "")
+        try:
+            mark = read_watermark(headers)
+        except BadWatermark as exc:
+            log.debug("%s[%d]@%d: %s", msg.topic, p, msg.offset, exc)
+            self.tail.bad_watermarks.inc()
+            mark = None
         async with self._locks[p]:
             await self._ensure_primed(p)
             state = self.table.store.state(p)
             now = _now_ms()
             if msg.timestamp:
                 now = min(now, int(msg.timestamp * 1000))
-            stream_ms, _ = self._clocks.get(p, (0, 0.0))
-            self._clocks[p] = (max(stream_ms, now), time.monotonic())
+            clock = self._clocks[p]
+            if mark is not None:
+                clock.heard(*mark, time.monotonic())
+            else:
+                clock.unmarked(now, time.monotonic())
             plan = state.ingest(msg.offset, now, tenant, frags)
             if plan.skipped:
                 logged: Awaitable[Any] | None = None
@@ -256,6 +267,10 @@ class TailStage:
                 state = self.table.store.state(p)
                 started = time.perf_counter()
                 now = self._stream_now(p)
+                if not 0 <= now - state.meta.stream_ms < 2 * CLOCK_LOG_MS:  # a takeover starts from it
+                    cover, logged = self._covers.get(p, state.meta.cover), now - CLOCK_LOG_MS
+                    state.commit(state.clocked(logged), cover)
+                    self._log(p, b"W", encode_clock(cover, logged))
                 due = state.due(now, self._slice)
                 if not due:
                     return
@@ -294,11 +309,9 @@ class TailStage:
             fatal("a decided slice of traces could not be written", exc)
 
     def _stream_now(self, p: int) -> int:
-        """The partition's stream time (its latest input time) plus the time since that input arrived,
-        capped at the wall clock. Deadlines run on it, so a backlog (after a takeover, say) is decided
-        as its spans arrived, not all at once when the wall clock says their wait is over."""
-        stream_ms, at = self._clocks.get(p, (0, 0.0))
-        return min(_now_ms(), stream_ms + int((time.monotonic() - at) * 1000))
+        """The partition's decision clock: the low watermark of its regroupers (see the module doc)."""
+        clock = self._clocks.get(p)
+        return clock.now(_now_ms(), time.monotonic()) if clock is not None else _now_ms()
 
     def _adapt(self, spent: float, size: int) -> None:
         """Size the next slice so that its synchronous work takes about SLICE_SECONDS."""
@@ -348,57 +361,34 @@ class TailStage:
             self._primed[p] = generation
 
     async def _prime(self, p: int) -> None:
-        """Before a partition's first work: note outputs of it that the changelog does not cover."""
+        """Before a partition's first work: note outputs of it that the changelog does not cover, and
+        start its decision clock from the one logged."""
         if not self._out_partitions:
             self._out_partitions = await self._check_target()
         state = self.table.store.state(p)
+        self._clocks[p] = DecisionClock(self._expiry_ms)
+        self._clocks[p].seed(state.meta.stream_ms or _now_ms(), time.monotonic())
         tp = TopicPartition(self.target, p % self._out_partitions)
-        consumer = AIOKafkaConsumer(**aiokafka_options(self.topology.kafka), enable_auto_commit=False,
-                                    group_id=None, auto_offset_reset="earliest")
-        await consumer.start()
-        try:
-            consumer.assign([tp])
-            end = (await consumer.end_offsets([tp]))[tp]
-            out_p, out_off = state.meta.cover
-            if out_p == tp.partition and out_off >= 0:
-                start = out_off + 1
-            else:
-                floor = _now_ms() - int(changelog_retention(self.limits).total_seconds() * 1000)
-                found = (await consumer.offsets_for_times({tp: floor}))[tp]
-                start = found.offset if found is not None else end
-            self._covers[p] = (tp.partition, end - 1) if end > 0 else state.meta.cover
-            self._clocks[p] = (state.meta.stream_ms or _now_ms(), time.monotonic())
-            if start >= end:
-                return
-            consumer.seek(tp, start)
-            emitted: dict[bytes, list[bytes]] = {}
-            while await consumer.position(tp) < end:
-                for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
-                    if record.offset < end and record.value:
-                        for tid, ids in traces_of(decode_protobuf(Signal.TRACES, record.value)).items():
-                            if trace_partition(tid, self.partitions) == p:
-                                emitted.setdefault(tid, []).extend(ids)
-        finally:
-            await consumer.stop()
-        if emitted:
+        floor = _now_ms() - int(changelog_retention(self.limits).total_seconds() * 1000)
+        found = await read_outputs(self.topology.kafka, tp, state.meta.cover, floor,
+                                   lambda tid: trace_partition(tid, self.partitions) == p)
+        self._covers[p] = (tp.partition, found.end - 1) if found.end > 0 else state.meta.cover
+        if found.start >= found.end:
+            return
+        if found.emitted:
             now, cover = _now_ms(), self._covers[p]
-            plan = state.prime(emitted, now)
+            plan = state.prime(found.emitted, now)
             state.commit(plan, cover)
             self._log(p, b"P", encode_decisions(cover, now, plan.verdicts, primed=True))
-            self.tail.primed.inc(sum(len(ids) for ids in emitted.values()))
+            self.tail.primed.inc(sum(len(ids) for ids in found.emitted.values()))
         log.info("%s[%d]: %d traces found in %d output records past the changelog", self.regrouped, p,
-                 len(emitted), end - start)
+                 len(found.emitted), found.end - found.start)
 
     async def _check_target(self) -> int:
-        admin = AIOKafkaAdminClient(**aiokafka_options(self.topology.kafka))
-        await admin.start()
-        try:
-            found = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics([self.target])}
-        finally:
-            await admin.close()
-        if not found.get(self.target):
+        partitions = await topic_partitions(self.topology.kafka, self.target)
+        if not partitions:
             fatal(f"{self.target} does not exist (run `kotel topology apply`)")
-        return found[self.target]
+        return partitions
 
     # --- counters ----------------------------------------------------------------------------------
 
@@ -419,7 +409,11 @@ class TailStage:
 
     def _sample(self) -> None:
         store = self.table.store
-        self.tail.pending.set(sum(store.state(p).meta.pending for p in store.active_partitions()))
+        active = store.active_partitions()
+        self.tail.pending.set(sum(store.state(p).meta.pending for p in active))
+        now = _now_ms()
+        self.tail.clock_lag.set(max((now - self._stream_now(p) for p in active if p in self._clocks),
+                                    default=0) / 1000)
 
 
 def bind(app: faust.App, topology: Topology) -> None:

@@ -8,9 +8,10 @@ the buffering side (`fragments`) only reads one trace id per entry and slices th
 it never re-encodes a span. A fragment is what one bundle adds to one trace.
 
 State records. The changelog is the stage's event log: `B` (a bundle was ingested: input offset, time,
-tenant, bytes), `D` (traces were decided: verdicts with the span ids emitted) and `P` (outputs found
-past the changelog after a takeover). Replaying them through the same code rebuilds the state exactly;
-see streams.stages.tail_state.
+tenant, bytes), `D` (traces were decided: verdicts with the span ids emitted), `P`
+(outputs found past the changelog after a takeover) and `W` (the decision clock moved on, so a new
+owner starts from it; see streams.stages.tail_clock). Replaying them through the same code rebuilds the
+state exactly; see streams.stages.tail_state. A worker that does not know `W` skips it harmlessly.
 """
 
 from __future__ import annotations
@@ -230,6 +231,7 @@ _COVER = struct.Struct(">iq")  # output partition, offset: every output up to it
 _BUNDLE = struct.Struct(">qqBI")  # input offset, time ms, tenant length, index length
 _DECIDED = struct.Struct(">qI")  # time ms, count
 _VERDICT = struct.Struct(">16sBBII")  # trace id, sampled, policy length, fragments decided, span ids
+_CLOCK = struct.Struct(">q")  # decision clock ms
 Cover = tuple[int, int]
 NO_COVER: Cover = (-1, -1)
 
@@ -262,6 +264,10 @@ class DecisionRecord(NamedTuple):
     primed: bool  # True: outputs found after a takeover (P), False: the stage's own decisions (D)
 
 
+class ClockRecord(NamedTuple):
+    clock_ms: int
+
+
 def encode_bundle(cover: Cover, offset: int, stamp_ms: int, tenant: str, bundle: bytes,
                   index: bytes = b"") -> bytes:
     raw = tenant.encode()[:255]
@@ -278,7 +284,14 @@ def encode_decisions(cover: Cover, stamp_ms: int, verdicts: Sequence[Verdict], p
     return b"".join(parts)
 
 
-def decode_record(value: bytes | None) -> tuple[Cover, BundleRecord | DecisionRecord] | None:
+def encode_clock(cover: Cover, clock_ms: int) -> bytes:
+    return b"".join([b"W", _COVER.pack(*cover), _CLOCK.pack(clock_ms)])
+
+
+Record = BundleRecord | DecisionRecord | ClockRecord
+
+
+def decode_record(value: bytes | None) -> tuple[Cover, Record] | None:
     """A changelog record, or None when it is not one of ours (it is then skipped)."""
     if not value or len(value) < 1 + _COVER.size:
         return None
@@ -307,6 +320,8 @@ def decode_record(value: bytes | None) -> tuple[Cover, BundleRecord | DecisionRe
             if pos != len(value):
                 return None
             return cover, DecisionRecord(stamp, verdicts, kind == b"P")
+        if kind == b"W" and len(value) == pos + _CLOCK.size:
+            return cover, ClockRecord(*_CLOCK.unpack_from(value, pos))
     except struct.error:
         return None
     return None

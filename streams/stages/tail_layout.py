@@ -7,7 +7,8 @@ Keys of one partition's RocksDB:
 - ``d`` + deadline + trace id: the deadline index; due traces are a range scan, never a full scan;
 - ``c`` + trace id: a decision (sampled, policy, when, the span ids emitted); ``s``/``n`` + sequence:
   the FIFO order of sampled / dropped decisions, which bounds the cache to the topology's sizes;
-- one meta key: the last input offset applied, the output covered, counts and FIFO ends, stream time.
+- one meta key: the last input offset applied, the output covered, counts and FIFO ends, and the
+  decision clock last logged (streams.stages.tail_clock), where a new owner of the partition starts.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from streams.stages.tail_core import NO_COVER, SPAN_ID_SIZE, Cover, Verdict
 
 META_KEY = b"\x00tail-meta"
 # applied input offset, cover (partition, offset), pending traces, sampled / dropped FIFO head and tail,
-# stream time (the latest input time applied)
+# decision clock ms (of the last W record applied)
 META = struct.Struct(">qiqqqqqqq")
 TRACE = struct.Struct(">qqqIII")  # first ms, deadline ms, root ms (-1: none), spans, bytes, fragments
 DECISION = struct.Struct(">BqqB")  # sampled, decided ms, FIFO sequence, policy length

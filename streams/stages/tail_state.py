@@ -15,6 +15,7 @@ from rocksdict import Rdict, ReadOptions, WriteBatch
 
 from streams.stages.tail_core import (
     BundleRecord,
+    ClockRecord,
     Cover,
     Fragment,
     Verdict,
@@ -94,7 +95,6 @@ class TraceState:
             plan.skipped = True
             return plan
         plan.meta.applied = offset
-        plan.meta.stream_ms = max(plan.meta.stream_ms, stamp_ms)
         tids = [f.trace_id for f in frags]
         decisions = self._many(plan, [b"c" + t for t in tids])
         traces = self._many(plan, [trace_key(t) for t in tids])
@@ -315,6 +315,12 @@ class TraceState:
         plan.verdicts = verdicts
         return self.settle(plan, verdicts, stamp_ms, primed=True)
 
+    def clocked(self, clock_ms: int) -> Plan:
+        """Plan logging the decision clock (a `W` record), where a new owner of the partition starts."""
+        plan = Plan(replace(self.meta))
+        plan.meta.stream_ms = clock_ms
+        return plan
+
     # --- writing and replay ------------------------------------------------------------------------
 
     def commit(self, plan: Plan, cover: Cover | None = None, extra: dict[bytes, bytes] | None = None) -> None:
@@ -355,6 +361,8 @@ class TraceState:
             except ValueError:
                 frags = []
             plan = self.ingest(record.offset, record.stamp_ms, record.tenant, frags)
+        elif isinstance(record, ClockRecord):
+            plan = self.clocked(record.clock_ms)
         else:
             plan = self.settle(Plan(replace(self.meta)), record.verdicts, record.stamp_ms, record.primed)
         self.commit(plan, cover, extra)

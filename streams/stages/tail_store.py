@@ -6,21 +6,32 @@ persisted offset in the same batch, so a record is never applied twice by a repl
 its live state before the record is acknowledged, so after a crash its own disk may be ahead of the
 log; the partition is then marked dirty and wiped on its next assignment (rebuilt from the changelog),
 as Kafka Streams does after an unclean shutdown. A clean stop or revoke, with every record of the
-partition acknowledged, clears the mark.
+partition acknowledged, clears the mark. Outputs that reached the sampled topic but not the log are read
+back (`read_outputs`) before a new owner works on the partition.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from faust.stores.rocksdb import Store as RocksStore
 from faust.types import TP
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBufferManager
 
+from kotel.otlp import Signal, decode_protobuf
+from streams.app import aiokafka_options
+from streams.stages.tail_core import Cover, traces_of
 from streams.stages.tail_state import Limits, TraceState
+
+if TYPE_CHECKING:  # as in streams.app: importing it first at runtime runs into kotel.topology's cycle
+    from kotel.kafka.settings import KafkaSettings
 
 log = logging.getLogger("kotel.tail")
 
@@ -141,3 +152,53 @@ class TraceTable(faust.Table):
     @property
     def store(self) -> TraceStore:
         return self.data  # type: ignore[return-value]
+
+
+@dataclass
+class Outputs:
+    """Output records past what a partition's changelog covers: offsets [start, end), their spans."""
+
+    start: int
+    end: int
+    emitted: dict[bytes, list[bytes]] = field(default_factory=dict)  # trace id -> span ids
+
+
+async def read_outputs(kafka: KafkaSettings, tp: TopicPartition, cover: Cover, floor_ms: int,
+                       mine: Callable[[bytes], bool]) -> Outputs:
+    """The spans of the traces ``mine`` in ``tp`` past ``cover`` (from ``floor_ms`` when the cover is of
+    another partition): outputs of a worker that crashed before it logged them."""
+    consumer = AIOKafkaConsumer(**aiokafka_options(kafka), enable_auto_commit=False, group_id=None,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        if cover[0] == tp.partition and cover[1] >= 0:
+            start = cover[1] + 1
+        else:
+            found = (await consumer.offsets_for_times({tp: floor_ms}))[tp]
+            start = found.offset if found is not None else end
+        out = Outputs(start, end)
+        if start >= end:
+            return out
+        consumer.seek(tp, start)
+        while await consumer.position(tp) < end:
+            for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
+                if record.offset < end and record.value:
+                    for tid, ids in traces_of(decode_protobuf(Signal.TRACES, record.value)).items():
+                        if mine(tid):
+                            out.emitted.setdefault(tid, []).extend(ids)
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def topic_partitions(kafka: KafkaSettings, topic: str) -> int:
+    """How many partitions ``topic`` has; 0 when it does not exist."""
+    admin = AIOKafkaAdminClient(**aiokafka_options(kafka))
+    await admin.start()
+    try:
+        found = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics([topic])}
+    finally:
+        await admin.close()
+    return found.get(topic, 0)

@@ -14,10 +14,12 @@ from rocksdict import Options, Rdict
 from kotel.otlp import OtlpDecodeError
 from streams.stages.tail_core import (
     NO_COVER,
+    ClockRecord,
     Verdict,
     decode_record,
     drop_spans,
     encode_bundle,
+    encode_clock,
     encode_decisions,
     fragments,
     regroup,
@@ -176,6 +178,8 @@ def test_records_round_trip_and_garbage_is_not_a_record() -> None:
     cover, rec = decode_record(encode_decisions(NO_COVER, 99, verdicts, primed=True))  # type: ignore[misc]
     assert rec == (99, verdicts, True)
     assert decode_record(b"D" + b"\x00" * 12 + b"\x00" * 8 + b"\x00\x00\x00\x05") is None
+    assert decode_record(encode_clock((1, 7), 123_456)) == ((1, 7), ClockRecord(123_456))
+    assert decode_record(encode_clock((1, 7), 123_456)[:-1]) is None
     assert decode_record(b"") is None and decode_record(b"X" + b"\x00" * 20) is None
 
 
@@ -326,3 +330,23 @@ def test_a_bundle_logged_before_the_verdict_it_followed_replays_as_late(open_db:
         assert replica.apply(record)
     assert dict(replica.db.items()) == dict(live.db.items())
     assert replica.decision(tid(1)).emitted == (sid(1), sid(3))  # type: ignore[union-attr]
+
+
+def test_the_decision_clock_is_logged_by_clock_records_not_by_input_times(open_db: Any) -> None:
+    """A new owner starts deciding at the logged clock, so it must never be ahead of the watermark:
+    an input's time is not (a caught-up source partition's input is ahead of a lagging one's)."""
+    live = TraceState(open_db("live"), LIMITS)
+    bundle = bundle_of(span(1, 1))
+    live.commit(live.ingest(0, 5_000, "t", fragments(bundle)), (0, 3))
+    assert live.meta.stream_ms == 0
+    live.commit(live.clocked(4_000), (0, 4))
+    plan = live.decide([tid(1)], ErrorsSampled())
+    live.commit(live.settle(plan, plan.verdicts, 6_000))
+    assert live.meta.stream_ms == 4_000
+    log = [encode_bundle((0, 3), 0, 5_000, "t", bundle), encode_clock((0, 4), 4_000),
+           encode_decisions(NO_COVER, 6_000, plan.verdicts)]
+    replica = TraceState(open_db("replica"), LIMITS)
+    for record in log:
+        assert replica.apply(record)
+    assert replica.meta == live.meta and replica.meta.cover == (0, 4)
+    assert dict(replica.db.items()) == dict(live.db.items())
