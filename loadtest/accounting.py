@@ -146,9 +146,9 @@ def _delayed(trace: np.ndarray, traces: int, spans: np.ndarray, arrival: np.ndar
 def _sampling(ledger: Ledger, led: SignalLedger, delivered: np.ndarray, health: np.ndarray,
               acked: np.ndarray, opts: Options, arrival: np.ndarray | None = None
               ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Trace-level decisions: kept when any of its spans arrived; failed and slow traces must be, unless
-    their spans reached the tail stage further apart than decision_wait (then no sampler sees them whole:
-    counted as ``*_delayed``)."""
+    """Trace-level decisions: kept when any of its spans arrived; failed and slow traces must be. Those
+    whose spans reached the tail stage further apart than decision_wait (held back upstream by lag or an
+    outage) are counted as ``*_delayed``: the stage decides on event time, so they must be kept too."""
     percentage = opts.sampling_percentage
     trace = led.np("trace").astype(np.int64)
     flags = led.np("flags").astype(np.int64)
@@ -186,7 +186,7 @@ def _sampling(ledger: Ledger, led: SignalLedger, delivered: np.ndarray, health: 
             int((late & real & delivered).sum()), "late_leaks": late_leaks,
         "spans_missing_from_kept_traces": partial,
     }
-    result["ok"] = bool(not (err & ~delayed & ~kept).any() and not (slow & ~delayed & ~kept).any()
+    result["ok"] = bool(not (err & ~kept).any() and not (slow & ~kept).any()
                         and (z is None or abs(z) <= 4.0) and partial == 0)
     return sampled_out, result
 

@@ -98,9 +98,8 @@ def _delayed(sampling: dict[str, Any], kind: str) -> str:
     delayed = sampling.get(f"{kind}_traces_delayed", 0)
     if not delayed:
         return ""
-    return (f" ({delayed} arrived spread over more than decision_wait, e.g. held back by an outage; "
-            f"{sampling.get(f'{kind}_traces_delayed_dropped', 0)} of those dropped, which no tail sampler "
-            "could avoid)")
+    return (f" ({delayed} arrived spread over more than decision_wait, e.g. held back by lag or an outage; "
+            f"{sampling.get(f'{kind}_traces_delayed_dropped', 0)} of those dropped)")
 
 
 def _cell(text: str) -> str:
