@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -39,6 +40,10 @@ SCHEMA = pa.schema([
 ])
 
 
+# Files of a batch written and fsynced at once (see ParquetArchive._write).
+_IO_THREADS = 8
+
+
 def _safe(value: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in value) or "_"
 
@@ -54,6 +59,7 @@ class ParquetArchive:
         self.linger = config.flush_interval.total_seconds()  # the Collector file exporter's flush cadence
         self._last_prune = 0.0
         self.archived = ArchivedOffsets(self.root)
+        self._io = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="archive-io")
         self.register_metrics(CollectorRegistry())
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
@@ -62,7 +68,14 @@ class ParquetArchive:
                                "archive already held", ["sink"], registry=registry)
 
     async def deliver(self, records: Sequence[SinkRecord]) -> list[Result]:
-        fresh = await asyncio.to_thread(self.archived.fresh, records)
+        results = await asyncio.to_thread(self._deliver, records)  # one thread hop: each costs on a busy host
+        if self.max_days and time.monotonic() - self._last_prune > 3600:
+            self._last_prune = time.monotonic()
+            await asyncio.to_thread(prune, self.root, self.max_days)
+        return results
+
+    def _deliver(self, records: Sequence[SinkRecord]) -> list[Result]:
+        fresh = self.archived.fresh(records)
         groups: dict[tuple[str, str, date], list[SinkRecord]] = defaultdict(list)
         for record, new in zip(records, fresh, strict=True):
             if new:
@@ -71,21 +84,24 @@ class ParquetArchive:
         skipped = len(records) - sum(fresh)
         if skipped:
             self.skipped.labels(self.name).inc(skipped)
-        results: list[Result] = [OK] * len(records)
         if groups:
             try:
-                await asyncio.to_thread(self._write, groups)
+                self._write(groups)
             except OSError as exc:  # a full or failing disk: keep the offsets, try again later
                 retry = Result(Outcome.RETRY, f"archive write failed: {exc.strerror or exc}")
-                results = [retry if new else OK for new in fresh]
-        if self.max_days and time.monotonic() - self._last_prune > 3600:
-            self._last_prune = time.monotonic()
-            await asyncio.to_thread(prune, self.root, self.max_days)
-        return results
+                return [retry if new else OK for new in fresh]
+        return [OK] * len(records)
 
     def _write(self, groups: dict[tuple[str, str, date], list[SinkRecord]]) -> None:
-        """Temporary files, then their journal entries, then the renames (see archive_journal)."""
-        written: list[Written] = []
+        """Temporary files and their journal entries, then the renames (see archive_journal).
+
+        A batch holds a file per tenant, signal and day it touches (a dozen at light load), each fsynced,
+        then its folder. One after another, every fsync waited for a commit of the file system's own
+        journal (~4 ms each on a busy disk: 40-50 ms a batch); issued together from a pool they share
+        those commits. The journal is appended meanwhile: it and the files must both be durable before
+        any rename, in either order (an entry whose file never appears is ignored).
+        """
+        planned: list[Written] = []
         for (tenant, signal, day), rows in groups.items():
             folder = (self.root / f"tenant={_safe(tenant)}" / f"signal={_safe(signal)}"
                       / f"date={day.isoformat()}")
@@ -94,24 +110,25 @@ class ParquetArchive:
             size = 0
             for row in rows:  # rotation: no file beyond max_megabytes of payload
                 if chunk and size + len(row.value) > self.max_bytes:
-                    written.append(_write_temporary(folder, chunk, signal))
+                    planned.append((*_names(folder), chunk))
                     chunk, size = [], 0
                 chunk.append(row)
                 size += len(row.value)
             if chunk:
-                written.append(_write_temporary(folder, chunk, signal))
-        self.archived.journal.append(_journal_entries(written))
-        for tmp, final, _ in written:
+                planned.append((*_names(folder), chunk))
+        writes = [self._io.submit(_write_temporary, tmp, rows) for tmp, _, rows in planned]
+        try:
+            self.archived.journal.append(_journal_entries(planned))
+        finally:
+            wait(writes)  # all finished (or failed) before anything is renamed or retried
+        for write in writes:
+            write.result()
+        for tmp, final, _ in planned:
             tmp.rename(final)
-        for folder in {final.parent for _, final, _ in written}:
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        list(self._io.map(_fsync_folder, {final.parent for _, final, _ in planned}))
 
     async def close(self) -> None:
-        return None
+        self._io.shutdown(wait=True)
 
 
 def _items(signal: str, value: bytes) -> int:
@@ -124,19 +141,32 @@ def _items(signal: str, value: bytes) -> int:
 Written = tuple[Path, Path, list[SinkRecord]]  # temporary path, final path, rows
 
 
-def _write_temporary(folder: Path, rows: list[SinkRecord], signal: str) -> Written:
+def _names(folder: Path) -> tuple[Path, Path]:
+    """A new file's temporary and final path; the load test times files by the ns in the name, taken
+    here, just before the file is written."""
+    name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+    return folder / f".{name}.tmp", folder / name
+
+
+def _write_temporary(tmp: Path, rows: list[SinkRecord]) -> None:
+    signal = rows[0].signal  # a file holds one tenant, signal and day
     table = pa.table({
         "topic": [r.topic for r in rows], "partition": [r.partition for r in rows],
         "offset": [r.offset for r in rows], "key": [r.key for r in rows],
         "timestamp": [r.timestamp_ms for r in rows], "items": [_items(signal, r.value) for r in rows],
         "headers": [list(r.headers) for r in rows], "value": [r.value for r in rows],
     }, schema=SCHEMA)
-    name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"  # the load test times files by the ns
-    tmp = folder / f".{name}.tmp"
     pq.write_table(table, tmp, compression="zstd")
     with tmp.open("rb") as handle:
         os.fsync(handle.fileno())
-    return tmp, folder / name, rows
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _journal_entries(written: list[Written]) -> list[tuple[str, int, int, int, Path]]:

@@ -4,7 +4,8 @@ A sink is a consumer group per exporter. Records are delivered in batches; each 
 OK, RETRY or PERMANENT. Permanent failures go to the dead-letter topic with the reason (and count as
 handled); retryable ones are retried with backoff, and when the circuit breaker opens the sink pauses
 its partitions — Kafka keeps the backlog, the sink's memory does not grow — and probes again after
-``open_duration``. Offsets are committed synchronously after a batch is fully handled, never before.
+``open_duration``. Offsets are committed (synchronously, in order) after a batch is fully handled,
+never before; that commit overlaps the polling of the next batch.
 """
 
 from __future__ import annotations
@@ -154,16 +155,23 @@ class SinkRunner:
             raise ValueError(f"no tenant is routed to sink {self.name!r} (check gateway.processors.routing)")
         self.consumer.subscribe(self.topics)
         log.info("sink %s consuming %s as group %s", self.name, ", ".join(self.topics), self.group_id)
+        # A batch's commit runs while the next batch is polled (its round trip is off the records' path);
+        # commits stay in order: one is awaited before the next starts, and before the consumer closes.
+        committing: asyncio.Future[None] | None = None
         try:
             while not stop.is_set():
                 batch = await asyncio.to_thread(self._poll)
                 if batch.records:
                     if not await self._handle(batch, stop):
                         break  # stopped while retrying: nothing of this batch is committed
-                    await asyncio.to_thread(self._commit, batch)
+                    if committing is not None:
+                        await committing
+                    committing = asyncio.ensure_future(asyncio.to_thread(self._commit, batch))
                 if time.monotonic() - self._last_lag > 5:
                     await asyncio.to_thread(self._update_lag)
         finally:
+            if committing is not None:
+                await committing
             await asyncio.to_thread(self._close)
 
     def _poll(self) -> _Batch:
@@ -257,15 +265,22 @@ class SinkRunner:
             log.warning("sink %s: commit failed (%s); records will be delivered again", self.name, exc)
 
     def _update_lag(self) -> None:
+        """Lag from the high watermarks the last fetches brought (no request to the broker).
+
+        An uncached lookup is a ListOffsets request on the connection the fetches use, and the broker
+        answers one request per connection at a time: each waited behind the long-polling fetch, and
+        over ~40 partitions the poll loop stood still for ~1 s every 5 s (the sink's p95 of 800 ms).
+        """
         self._last_lag = time.monotonic()
         for tp in self.consumer.assignment():
             try:
-                low, high = self.consumer.get_watermark_offsets(tp, timeout=2, cached=False)
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
                 position = self.consumer.position([tp])[0].offset
             except Exception:
                 continue
-            behind = high - (position if position >= 0 else low)
-            self.metrics.lag.labels(self.name, tp.topic, str(tp.partition)).set(max(0, behind))
+            if high < 0 or position < 0:
+                continue  # nothing fetched or consumed yet in this assignment: unknown, not zero
+            self.metrics.lag.labels(self.name, tp.topic, str(tp.partition)).set(max(0, high - position))
 
     def _close(self) -> None:
         try:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from datetime import date
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from kotel.topology.exporters import FileExporterConfig
+from streams.sinks import archive as archive_module
 from streams.sinks.archive import ParquetArchive, prune, read_archive
-from streams.sinks.runtime import OK, SinkRecord
+from streams.sinks.runtime import OK, Outcome, SinkRecord
 
 
 def test_archive_rotation_splits_files_by_size(tmp_path: Path) -> None:
@@ -131,3 +137,48 @@ def test_an_archive_with_no_file_in_place_yet_reads_as_empty(tmp_path: Path) -> 
     (folder / ".part-1.parquet.tmp").write_bytes(b"PAR1 half written")
     table = read_archive(tmp_path, tenant="a")
     assert table.num_rows == 0 and {"tenant", "signal", "value", "offset"} <= set(table.column_names)
+
+
+def _slow_fsync(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    real = os.fsync
+
+    def slow(fd: int) -> None:
+        time.sleep(seconds)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", slow)
+
+
+def test_a_batchs_files_are_fsynced_together_not_one_after_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _slow_fsync(monkeypatch, 0.1)
+    archive = ParquetArchive("a", FileExporterConfig(path=str(tmp_path)))
+    records = [r for i, t in enumerate("abcdef") for r in _records(f"t{t}.logs", i, range(2), f"tenant-{t}")]
+    started = time.perf_counter()
+    assert asyncio.run(archive.deliver(records)) == [OK] * 12
+    elapsed = time.perf_counter() - started
+    # 6 files, the journal, 6 folders: 1.3 s of fsyncs one after another; about 0.2 s side by side
+    assert elapsed < 0.8, f"{elapsed:.2f} s"
+    assert len(_archived(tmp_path)) == 12
+    asyncio.run(archive.close())
+
+
+def test_a_failed_file_leaves_the_whole_batch_unarchived_and_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = archive_module.pq.write_table
+
+    def failing(table: Any, where: Path, **kwargs: Any) -> None:
+        if "tenant=tenant-b" in str(where):
+            raise OSError(28, "No space left on device")
+        real(table, where, **kwargs)
+
+    monkeypatch.setattr(archive_module.pq, "write_table", failing)
+    archive = ParquetArchive("a", FileExporterConfig(path=str(tmp_path)))
+    records = _records("t.logs", 0, range(2)) + _records("u.logs", 0, range(2), "tenant-b")
+    results = asyncio.run(archive.deliver(records))
+    assert [r.outcome for r in results] == [Outcome.RETRY] * 4
+    assert results[0].reason == "archive write failed: No space left on device"
+    assert read_archive(tmp_path).num_rows == 0  # tenant-a's file was written, but never renamed into place
+    monkeypatch.setattr(archive_module.pq, "write_table", real)
+    assert asyncio.run(archive.deliver(records)) == [OK] * 4
+    assert len(_archived(tmp_path)) == 4

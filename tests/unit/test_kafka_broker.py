@@ -249,6 +249,7 @@ def test_server_properties_single_node_dev_cluster(settings: BrokerSettings) -> 
     assert props["offsets.topic.replication.factor"] == "1"
     assert props["transaction.state.log.min.isr"] == "1"
     assert props["log.dirs"] == str(settings.state_dir / "data")
+    assert props["group.coordinator.append.linger.ms"] == "0"  # a commit is answered without waiting
 
 
 def test_settings_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,13 +1,17 @@
-"""How a sink gathers a batch: it waits for a first record, then only ``linger`` for more."""
+"""How a sink gathers a batch (a first record, then only ``linger`` for more), commits it and measures lag."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
+
+from confluent_kafka import TopicPartition
 
 from kotel.topology import parse_topology
 from kotel.topology.exporters import FileExporterConfig
 from streams.sinks.archive import ParquetArchive
-from streams.sinks.runtime import DEFAULT_LINGER_SECONDS, SinkRunner
+from streams.sinks.runtime import DEFAULT_LINGER_SECONDS, OK, SinkRunner
 
 TOPOLOGY = """
 kafka: {bootstrap_servers: "127.0.0.1:1"}
@@ -101,3 +105,88 @@ def test_the_archive_lingers_for_its_flush_interval() -> None:
     runner, consumer = _runner(archive, queued=80)
     assert len(runner._poll().records) == 50
     assert consumer.calls == [(1, 0.5), (49, 0.25)]
+
+
+class _LagConsumer:
+    """Watermarks from the fetches (cached) at once; an uncached lookup waits behind a long poll."""
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition("kt.tenant.a.logs", p) for p in range(3)]
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float | None = None,
+                              cached: bool = False) -> tuple[int, int]:
+        if not cached:
+            time.sleep(0.5)
+            return 0, 100
+        return -1001, (-1001 if tp.partition == 2 else 10)
+
+    def position(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, 4 if tp.partition != 1 else -1001) for tp in tps]
+
+
+def test_lag_comes_from_the_fetched_watermarks_without_asking_the_broker() -> None:
+    runner, _ = _runner(_Deliverer(), queued=0)
+    runner.consumer = _LagConsumer()  # type: ignore[assignment]
+    started = time.perf_counter()
+    runner._update_lag()
+    assert time.perf_counter() - started < 0.25  # three uncached lookups would take 1.5 s
+
+    def lag(partition: int) -> float | None:
+        labels = {"sink": "x", "topic": "kt.tenant.a.logs", "partition": str(partition)}
+        return runner.metrics.registry.get_sample_value("kotel_sink_consumer_lag", labels)
+
+    assert lag(0) == 6
+    assert lag(1) is None and lag(2) is None  # position or watermark not known yet: no figure, not zero
+
+
+class _Scripted(_Consumer):
+    """Hands out one record per poll; commits take a while; records when each call starts and ends."""
+
+    def __init__(self) -> None:
+        super().__init__(queued=0)
+        self.log: list[str] = []
+
+    def subscribe(self, topics: list[str]) -> None:
+        return None
+
+    def consume(self, n: int, timeout: float) -> list[Any]:
+        if n > 1:
+            return []  # nothing more within the linger
+        self.log.append(f"poll {self.next}")
+        self.next += 1
+        return [_Message(self.next - 1)]
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        assert not asynchronous
+        self.log.append(f"commit {offsets[0].offset} starts")
+        time.sleep(0.3)
+        self.log.append(f"commit {offsets[0].offset} ends")
+
+    def assignment(self) -> list[TopicPartition]:
+        return []
+
+    def close(self) -> None:
+        self.log.append("close")
+
+
+class _StopAfter(_Deliverer):
+    name = "file/archive"  # a sink the topology routes to
+
+    def __init__(self, batches: int, stop: asyncio.Event) -> None:
+        self.left, self.stop = batches, stop
+
+    async def deliver(self, records: Any) -> list[Any]:
+        self.left -= 1
+        if not self.left:
+            self.stop.set()
+        return [OK] * len(records)
+
+
+async def test_a_commit_overlaps_the_next_poll_and_commits_stay_in_order() -> None:
+    stop = asyncio.Event()
+    runner, _ = _runner(_StopAfter(2, stop), queued=0)
+    consumer = _Scripted()
+    runner.consumer = consumer  # type: ignore[assignment]
+    await runner.run(stop)
+    assert consumer.log == ["poll 0", "commit 1 starts", "poll 1", "commit 1 ends", "commit 2 starts",
+                            "commit 2 ends", "close"]

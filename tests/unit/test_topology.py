@@ -203,6 +203,12 @@ def test_secrets_are_not_printed() -> None:
     assert topology.kafka.librdkafka_config()["sasl.password"] == "hunter2"
 
 
+def test_librdkafka_clients_disable_nagle_unless_the_topology_says_otherwise() -> None:
+    assert parse_topology("kafka: {}\n").kafka.librdkafka_config()["socket.nagle.disable"] is True
+    text = "kafka:\n  librdkafka: {socket.nagle.disable: false}\n"
+    assert parse_topology(text).kafka.librdkafka_config()["socket.nagle.disable"] is False
+
+
 def test_topic_plan_layers_defaults_group_and_signal() -> None:
     text = """
 topics:
