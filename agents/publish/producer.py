@@ -7,6 +7,9 @@ retries transient errors itself within ``message.timeout.ms``, which is set to t
 acknowledged by then goes to the spill and the replayer owns its redelivery (see replay.py for the
 ordering rule). Counters: ``published`` counts every record Kafka acknowledged (direct or replayed),
 ``spilled`` the records written to the spill, ``replayed`` the spilled ones acknowledged later.
+
+A record's Kafka timestamp is when the agent received its data (the batch it came in), not when it was
+produced: it is kept through the spill, so a record replayed after an outage keeps its event time.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ class KafkaSender:
             while not future.done():
                 try:
                     self._producer.produce(record.topic, record.value, record.key.encode(),
-                                           headers=list(record.headers),
+                                           headers=list(record.headers), timestamp=record.created_ms,
                                            on_delivery=partial(self._on_delivery, future))
                     break
                 except BufferError:  # librdkafka's queue is full: let the oldest delivery finish first
@@ -306,6 +309,7 @@ class Publisher:
                  ("kotel.schema", SCHEMA), ("kotel.agent", self._agent))
         headroom = RECORD_OVERHEAD + len(key.encode()) + sum(len(k) + len(v) for k, v in fixed) + 30
         limit = self._exporter.producer.max_message_bytes
+        created_ms = time.time_ns() // 1_000_000  # the batch's time: its records' Kafka timestamp
         try:
             parts = split_wire(signal, wire, limit - headroom)
         except OtlpSizeError as exc:
@@ -315,7 +319,7 @@ class Publisher:
         for part in parts:
             seq = next(self._seq)
             headers = (*fixed, ("kotel.seq", str(seq).encode()))
-            out.append(SpillRecord(seq, signal.value, topic, key, tenant, headers, part))
+            out.append(SpillRecord(seq, signal.value, topic, key, tenant, headers, part, created_ms))
         return out
 
     def _breaker_changed(self, state: BreakerState) -> None:

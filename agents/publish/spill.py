@@ -16,6 +16,10 @@ segment still being written; rotation only bounds how much one directory holds.
 Group commit: records submitted while a write is in progress wait and go out together in the next part,
 so under load the number of fsyncs stays at one per write, not one per request. ``flush_interval`` is
 not used as a delay: clients wait for the fsync, and the in-progress write already batches.
+
+Each row keeps ``created_at``, when the agent received the data and the record's Kafka timestamp, so a
+replayed record lands at its event time and not at the end of the outage (tail sampling decides on
+record times). Parts written before that column replay with ``spilled_at`` in its place.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import IO
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from agents.contracts import Unavailable
@@ -52,6 +57,7 @@ SCHEMA = pa.schema(
         pa.field("headers", pa.map_(pa.string(), pa.binary()), nullable=False),
         pa.field("value", pa.binary(), nullable=False),
         pa.field("spilled_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("created_at", pa.timestamp("ms", tz="UTC"), nullable=True),
     ]
 )
 _SEGMENT, _PART, _SUFFIX = "seg-", "part-", ".parquet"
@@ -63,7 +69,8 @@ class SpillInUse(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class SpillRecord:
-    """One Kafka record as it will be (re)produced: topic, key, headers and the serialized request."""
+    """One Kafka record as it will be (re)produced: topic, key, headers, the serialized request and its
+    timestamp, ``created_ms`` (epoch ms the agent received the data; 0: librdkafka stamps its own)."""
 
     seq: int
     signal: str
@@ -72,6 +79,7 @@ class SpillRecord:
     tenant: str
     headers: tuple[tuple[str, bytes], ...]
     value: bytes
+    created_ms: int = 0
 
     @property
     def size(self) -> int:
@@ -339,11 +347,13 @@ class Spill:
 
 def read_part(path: Path) -> list[SpillRecord]:
     """Blocking read of one part file (also for tools that inspect a spill)."""
-    table = pq.read_table(path, schema=SCHEMA)
+    table = pq.read_table(path, schema=SCHEMA)  # a part without created_at reads it as nulls
+    spilled_ms = pc.divide(table["spilled_at"].cast(pa.int64()), 1000)
+    created = pc.coalesce(table["created_at"].cast(pa.int64()), spilled_ms).to_pylist()
     return [
         SpillRecord(row["seq"], row["signal"], row["topic"], row["key"], row["tenant"],
-                    tuple(row["headers"]), row["value"])
-        for row in table.to_pylist()
+                    tuple(row["headers"]), row["value"], created_ms)
+        for row, created_ms in zip(table.select(SCHEMA.names[:7]).to_pylist(), created, strict=True)
     ]
 
 
@@ -363,6 +373,7 @@ def _write_part(path: Path, rows: list[SpillRecord]) -> int:
             "headers": [list(r.headers) for r in rows],
             "value": [r.value for r in rows],
             "spilled_at": [now] * len(rows),
+            "created_at": [r.created_ms or None for r in rows],
         },
         schema=SCHEMA,
     )

@@ -3,19 +3,20 @@
 Two agents and a decider share one worker. *regroup* reads the deduped topic (keyed by instance) and
 writes one bundle per destination partition of ``<app id>-traces-repartition`` (tail_core.regroup).
 *buffer* reads that topic; each bundle is planned into the partition's `TraceState` (RocksDB), late
-spans follow their cached decision at once, and the bundle is logged to the table's changelog. The
-*decider* task scans each active partition's deadline index every ``TICK`` seconds and decides due
-traces in slices of about ``SLICE_SECONDS`` of work, yielding to the event loop between slices, so a
-million pending traces never stall it. Inputs are acked (OrderedAcks) only once their outputs and their
-log record are acknowledged.
+spans follow their cached decision at once, and the bundle is logged to the table's changelog
+(heartbeats, below, only move the partition's clock). The *decider* task scans each active partition's
+deadline index every ``TICK`` seconds and decides due traces in slices of about ``SLICE_SECONDS`` of
+work, yielding to the event loop between slices, so a million pending traces never stall it. Inputs are
+acked (OrderedAcks) only once their outputs and their log record are acknowledged.
 
 Deadlines run on event time, not on the wall clock: a trace is stamped with its first span's record time
 and decided once the partition's decision clock passes stamp + decision_wait. That clock is a low
-watermark (streams.stages.tail_clock): each bundle carries its regrouper's watermark, the slowest clock
-of the source partitions it holds, and a partition decides on the lowest watermark of its regroupers,
-each moving on with the clock while nothing is heard from it. So a source partition that lags holds
-decisions back until its spans of the same time are in, and a backlog is decided as its spans were
-produced rather than all at once. Bundles without watermark headers count by their record time.
+watermark moved only by evidence (streams.stages.tail_clock): each bundle, and each heartbeat a regrouper
+sends every second to the partitions it wrote nothing to (tail_heartbeat), carries the regrouper's
+watermark, the slowest clock of the source partitions it holds; a partition decides on the lowest
+watermark of its live regroupers. So a lagging source partition holds decisions back until its spans of
+the same time are in, a backlog is decided as its spans were produced, and a broker outage stops the
+clocks rather than deciding traces whose spans wait in the agents' spills.
 
 Exactly once in effect, without transactions. A per-partition lock orders state changes. A record is
 logged only once the outputs it implies are acknowledged, and it carries the last output offset it
@@ -31,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Awaitable
 from typing import Any
@@ -46,14 +46,7 @@ from kotel.otlp import OtlpDecodeError, Signal, decode_protobuf, validate_reques
 from kotel.topology import Topology
 from streams.app import OffsetGuard, OrderedAcks, fatal, metrics_of
 from streams.deadletter import DeadLetter
-from streams.stages.tail_clock import (
-    BadWatermark,
-    DecisionClock,
-    RegroupClock,
-    read_watermark,
-    watermark_headers,
-    without_watermark,
-)
+from streams.stages.tail_clock import DecisionClock, is_heartbeat
 from streams.stages.tail_core import (
     INDEX_HEADER,
     NO_COVER,
@@ -66,6 +59,7 @@ from streams.stages.tail_core import (
     regroup,
     trace_partition,
 )
+from streams.stages.tail_heartbeat import Watermarker, watermark_of
 from streams.stages.tail_metrics import TailMetrics
 from streams.stages.tail_policies import TailSampler
 from streams.stages.tail_state import Limits, Output, Plan
@@ -78,7 +72,7 @@ SLICE_SECONDS = 0.02  # synchronous decision work between two yields to the even
 MAX_IN_FLIGHT = 256
 MAX_SLICES_IN_FLIGHT = 4  # decided slices per partition waiting for their outputs
 CLOCK_LOG_MS = 1000  # the decision clock is logged (W record) this much behind, so jitter needs no record
-REGROUPER_EXPIRY_MS = 60_000  # at least: a regrouper unheard this long stops holding decisions back
+REGROUPER_EXPIRY_MS = 15_000  # at least: a regrouper unheard this long (a crash) stops holding decisions back
 
 
 def _now_ms() -> int:
@@ -110,8 +104,7 @@ class TailStage:
         self._locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._primed: dict[int, int] = {}
         self._covers: dict[int, Cover] = {}
-        self.regrouper = uuid.uuid4().hex.encode()  # this process's id in the watermark headers
-        self.sources = RegroupClock()
+        self.marks = Watermarker(app, self.regrouped, self.partitions)
         self._clocks: dict[int, DecisionClock] = {}
         wait = self.limits.decision_wait_ms + self.limits.root_wait_ms
         self._expiry_ms = max(REGROUPER_EXPIRY_MS, 2 * wait)
@@ -134,24 +127,27 @@ class TailStage:
         app.agent(source, name="tail-regroup")(self._regroup_agent)
         app.agent(regrouped, name="tail-buffer")(self._buffer_agent)
         app.task(self._decider)
+        app.task(self.marks.run)
         app.on_partitions_assigned.connect(self._assigned)
-        self.guard = OffsetGuard(app, self.topology.kafka, [self.source, self.regrouped])
+        # One guard per topic: the heartbeats on one must not keep the guard from watching the other idle
+        self.guards = {t: OffsetGuard(app, self.topology.kafka, [t]) for t in (self.source, self.regrouped)}
         self.metrics.add_sampler(self._sample)
 
     # --- regroup: instance-keyed records -> one bundle per trace partition ------------------------
 
     async def _assigned(self, _app: Any, assigned: set[TopicPartition], **_: Any) -> None:
-        self.sources.keep(tp for tp in assigned if tp.topic == self.source)
+        self.marks.keep(tp for tp in assigned if tp.topic == self.source)
 
     async def _regroup_agent(self, stream: StreamT) -> None:
         manual = stream.noack()
         acks = OrderedAcks(manual, None, MAX_IN_FLIGHT)
-        self.guard.hold_while("regroup", lambda: len(acks) > 0)
+        guard = self.guards[self.source]
+        guard.hold_while("regroup", lambda: len(acks) > 0)
         async for event in manual.events():
-            if await self.guard.admit(event):
+            if await guard.admit(event):
                 msg = event.message
                 stamp = int(msg.timestamp * 1000) if msg.timestamp else _now_ms()
-                self.sources.admitted(msg.tp, stamp, time.monotonic())
+                self.marks.admitted(msg.tp, stamp, msg.offset)  # first: its bundles' time is not past
                 await self._regroup(event, acks)
 
     async def _regroup(self, event: EventT, acks: OrderedAcks) -> None:
@@ -173,11 +169,11 @@ class TailStage:
             return
         self.metrics.items_in.labels(*labels).inc(spans)
         producer = await self.app.maybe_start_producer()
-        mark = watermark_headers(self.regrouper, self.sources.watermark(_now_ms(), time.monotonic()))
-        headers = [*without_watermark(headers), *mark]
+        headers = self.marks.headers(headers)
         futures = [await producer.send(self.regrouped, msg.key, value, partition=p, timestamp=msg.timestamp,
                                        headers=[*headers, (INDEX_HEADER, index)])
                    for p, (value, index) in parts.items()]
+        self.marks.wrote(parts)
         await acks.submit(event, futures)
 
     # --- buffer: bundles -> trace state; late spans follow their decision -------------------------
@@ -185,10 +181,23 @@ class TailStage:
     async def _buffer_agent(self, stream: StreamT) -> None:
         manual = stream.noack()
         acks = OrderedAcks(manual, None, MAX_IN_FLIGHT)
-        self.guard.hold_while("buffer", lambda: len(acks) > 0)
+        guard = self.guards[self.regrouped]
+        guard.hold_while("buffer", lambda: len(acks) > 0)
         async for event in manual.events():
-            if await self.guard.admit(event):
-                await self._buffer(event, acks)
+            if await guard.admit(event):
+                if is_heartbeat(event.message.headers or ()):
+                    await self._heartbeat(event, acks)
+                else:
+                    await self._buffer(event, acks)
+
+    async def _heartbeat(self, event: EventT, acks: OrderedAcks) -> None:
+        """A regrouper's watermark-only record: the partition's clock hears it; no state, no log."""
+        msg, p = event.message, event.message.partition
+        if (mark := watermark_of(msg, self.tail.bad_watermarks)) is not None:
+            async with self._locks[p]:
+                await self._ensure_primed(p)
+                self._clocks[p].heard(*mark, time.monotonic())
+        await acks.submit(event, [])
 
     async def _buffer(self, event: EventT, acks: OrderedAcks) -> None:
         msg, p = event.message, event.message.partition
@@ -203,12 +212,7 @@ class TailStage:
             await acks.submit(event, [future])
             return
         tenant = next((v.decode(errors="replace") for k, v in headers if k == "kotel.tenant"), "")
-        try:
-            mark = read_watermark(headers)
-        except BadWatermark as exc:
-            log.debug("%s[%d]@%d: %s", msg.topic, p, msg.offset, exc)
-            self.tail.bad_watermarks.inc()
-            mark = None
+        mark = watermark_of(msg, self.tail.bad_watermarks)
         async with self._locks[p]:
             await self._ensure_primed(p)
             state = self.table.store.state(p)

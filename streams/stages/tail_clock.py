@@ -1,26 +1,41 @@
 """Event time for tail sampling: a low watermark from the regroup side to the deciding side.
 
 The deduped topic's partitions lag by different amounts, so the latest input time a trace partition has
-seen says nothing about what a lagging source partition has yet to deliver: deciding on it dropped the
-spans of the laggard. Instead, as Kafka Streams and Flink do, each regrouper stamps every bundle with
-its low watermark: the slowest clock of the source partitions it holds (`RegroupClock`). A source
-partition's clock is its last record's time plus the time since it came, so an idle, caught-up
-partition moves on with the wall clock while a lagging one, delivering old records, holds it back. A
+seen says nothing about what a lagging source partition has yet to deliver. Instead, as Kafka Streams and
+Flink do, each regrouper stamps every bundle with its low watermark: the slowest clock of the source
+partitions it holds (`RegroupClock`). Clocks move only on evidence, never with the wall clock alone: a
+broker outage must not let them run on and decide traces whose spans wait in the agents' spills.
+
+A source partition's clock is its last admitted record's time. It moves past that only while the broker,
+in a fetch response after that record, says the partition holds nothing newer (highwater <= offset + 1):
+then by the fetch time since the record came. Fetch time across a silence of more than ``POLL_GAP_MS``
+(the broker out of reach) is no evidence and does not count, so the clock resumes where it stopped. A
 partition that has delivered nothing since it was assigned tells nothing and does not count.
 
 The deciding side (`DecisionClock`, one per repartition partition) keeps the last watermark heard from
-each regrouper and decides on the lowest, each advancing with the time since it was heard, so a
-regrouper that died or went idle never stalls decisions. Bundles without the headers (written before
-this scheme) count as they always did: the latest input time. Everything here takes the time as
-arguments (wall clock ms, monotonic seconds), so it is tested without a broker or a sleep.
+each regrouper and decides on the lowest. Regroupers send a heartbeat (a watermark-only record) to each
+partition they wrote nothing to for ``HEARTBEAT_MS``, so live ones are always heard; an entry unheard
+for ``expire_ms`` of listening time is a dead regrouper's and is dropped. Listening time is the time the
+partition heard anything, silences longer than ``LISTEN_GAP_MS`` counted as that: an outage, when no one
+is heard, expires no one. With no entry left the clock stays where it was. Bundles without the headers
+(written before this scheme) count by their latest record time, as does a takeover's logged clock,
+each for ``hold_ms`` of listening (time for every live regrouper to be heard). Everything here takes the
+time as arguments (wall clock ms, monotonic seconds), so it is tested without a broker or a sleep.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 WATERMARK_HEADER = "kotel.watermark"
 REGROUPER_HEADER = "kotel.regrouper"
+HEARTBEAT_HEADER = "kotel.heartbeat"
+HEARTBEAT_MS = 1000  # a regrouper's longest silence towards a repartition partition, beyond a round
+POLL_GAP_MS = 5000  # no fetch response for this long (they come every 1.5 s when idle): out of reach
+LISTEN_GAP_MS = 5 * HEARTBEAT_MS  # a partition's silence counts as listening up to this much
+HOLD_MS = 3 * HEARTBEAT_MS  # a takeover's clock or headerless bundles: held until regroupers are heard
 _MAX_ID = 64
 _MAX_DIGITS = 18  # fits the int64 fields the clock is logged in
 _LATEST = b""  # DecisionClock's entry for bundles without headers; never a regrouper's id (checked)
@@ -36,9 +51,18 @@ def watermark_headers(regrouper: bytes, watermark_ms: int) -> list[tuple[str, by
     return [(WATERMARK_HEADER, b"%d" % watermark_ms), (REGROUPER_HEADER, regrouper)]
 
 
+def heartbeat_headers(regrouper: bytes, watermark_ms: int) -> list[tuple[str, bytes]]:
+    return [(HEARTBEAT_HEADER, b"1"), *watermark_headers(regrouper, watermark_ms)]
+
+
+def is_heartbeat(headers: Headers) -> bool:
+    return any(k == HEARTBEAT_HEADER for k, _ in headers)
+
+
 def without_watermark(headers: Headers) -> list[tuple[str, bytes | None]]:
     """``headers`` without watermark headers (a regrouper's input must not carry another's)."""
-    return [(k, v) for k, v in headers if k not in (WATERMARK_HEADER, REGROUPER_HEADER)]
+    own = (WATERMARK_HEADER, REGROUPER_HEADER, HEARTBEAT_HEADER)
+    return [(k, v) for k, v in headers if k not in own]
 
 
 def read_watermark(headers: Headers) -> tuple[bytes, int] | None:
@@ -57,19 +81,31 @@ def read_watermark(headers: Headers) -> tuple[bytes, int] | None:
     return regrouper, int(mark)
 
 
-def _since_ms(mono: float, at: float) -> int:
-    return round((mono - at) * 1000)
+class Poll(NamedTuple):
+    """What the broker last said of a partition: its next offset, and when (wall ms); None: unknown."""
+
+    highwater: int | None
+    at_ms: int | None
+
+
+@dataclass(slots=True)
+class _Source:
+    stamp_ms: int  # the last admitted record's time
+    offset: int
+    seen_ms: int  # the latest fetch time taken into account (first: when the record was admitted)
+    credit_ms: int = 0  # fetch time since the record, out-of-reach silences left out
+    lost: bool = False  # no fetch response for POLL_GAP_MS when last looked at
 
 
 class RegroupClock:
     """Regroup side: the low watermark over the source partitions this worker holds."""
 
     def __init__(self) -> None:
-        self._partitions: dict[Hashable, tuple[int, float]] = {}  # last record ms, monotonic s admitted
+        self._partitions: dict[Hashable, _Source] = {}
 
-    def admitted(self, partition: Hashable, stamp_ms: int, mono: float) -> None:
-        """A record of ``partition`` with timestamp ``stamp_ms`` was admitted at monotonic ``mono``."""
-        self._partitions[partition] = (stamp_ms, mono)
+    def admitted(self, partition: Hashable, stamp_ms: int, offset: int, now_ms: int) -> None:
+        """Record ``offset`` of ``partition``, with timestamp ``stamp_ms``, was admitted at ``now_ms``."""
+        self._partitions[partition] = _Source(stamp_ms, offset, now_ms)
 
     def keep(self, assigned: Iterable[Hashable]) -> None:
         """Forget the partitions not in ``assigned`` (revoked in a rebalance)."""
@@ -77,49 +113,76 @@ class RegroupClock:
         for partition in [p for p in self._partitions if p not in keep]:
             del self._partitions[partition]
 
-    def watermark(self, now_ms: int, mono: float) -> int:
-        """The slowest partition's clock, capped at the wall clock ``now_ms``."""
-        clocks = (ms + _since_ms(mono, at) for ms, at in self._partitions.values())
+    def watermark(self, now_ms: int, poll: Callable[[Hashable], Poll | None]) -> int:
+        """The slowest partition's clock, capped at the wall clock ``now_ms``; ``poll`` answers what
+        the broker last said of a partition."""
+        clocks = [self._clock(source, now_ms, poll(p)) for p, source in self._partitions.items()]
         return min(now_ms, min(clocks, default=now_ms))
+
+    @staticmethod
+    def _clock(source: _Source, now_ms: int, poll: Poll | None) -> int:
+        at = poll.at_ms if poll is not None else None
+        if at is not None and at > source.seen_ms:
+            if not source.lost:
+                source.credit_ms += at - source.seen_ms
+            source.seen_ms, source.lost = at, False
+        elif now_ms - source.seen_ms > POLL_GAP_MS:
+            source.lost = True  # out of reach: the time until the next fetch response is no evidence
+        caught_up = poll is not None and poll.highwater is not None and poll.highwater <= source.offset + 1
+        return source.stamp_ms + source.credit_ms if caught_up else source.stamp_ms
 
 
 class DecisionClock:
     """Deciding side: one repartition partition's clock, the lowest of its regroupers' watermarks.
 
-    An entry stops counting once its clock reaches the wall clock or once nothing was heard from it
-    for ``expire_ms``: a regrouper that died while behind would otherwise hold decisions back by its
-    lag for ever. Its source partitions then belong to another regrouper, which says how far they are.
+    Never moved by elapsed time: a regrouper that is not heard holds its last watermark until it is heard
+    again or expires (``expire_ms`` of listening; ``hold_ms`` for the takeover or headerless entry).
     """
 
-    def __init__(self, expire_ms: int) -> None:
-        self.expire_ms = expire_ms
-        # regrouper id -> (watermark ms, monotonic s heard); b"" (no regrouper's id): the latest input
-        # time of bundles without headers, or the clock the partition was taken over at
+    def __init__(self, expire_ms: int, hold_ms: int = HOLD_MS) -> None:
+        self.expire_ms, self.hold_ms = expire_ms, hold_ms
+        # regrouper id -> (watermark ms, listening ms when heard); b"" (no regrouper's id): the latest
+        # input time of bundles without headers, or the clock the partition was taken over at
         self._entries: dict[bytes, tuple[int, float]] = {}
+        self._listened = 0.0  # ms this partition has spent hearing its regroupers
+        self._heard_at: float | None = None  # monotonic s anything was last heard
+        self._last = 0  # the clock last answered; 0 before anything was known: nothing is due
 
     def seed(self, clock_ms: int, mono: float) -> None:
-        """Start over from a logged clock (a partition taken over), which counts like a regrouper's:
-        the regroupers heard by the previous owner may still be behind."""
-        self._entries = {_LATEST: (clock_ms, mono)}
+        """Start over from a logged clock (a partition taken over), which holds the clock back until
+        the live regroupers had time to be heard: those heard by the previous owner may be behind."""
+        self._entries = {}
+        self._set(_LATEST, clock_ms, mono)
+        self._last = clock_ms
 
     def heard(self, regrouper: bytes, watermark_ms: int, mono: float) -> None:
-        self._entries[regrouper] = (watermark_ms, mono)
+        self._set(regrouper, watermark_ms, mono)
 
     def unmarked(self, stamp_ms: int, mono: float) -> None:
         """A bundle without (valid) watermark headers: the latest input time, as before watermarks."""
         base = self._entries.get(_LATEST, (0, 0.0))[0]
-        self._entries[_LATEST] = (max(base, stamp_ms), mono)
+        self._set(_LATEST, max(base, stamp_ms), mono)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def now(self, now_ms: int, mono: float) -> int:
-        """The decision clock, capped at the wall clock ``now_ms``; drops entries that stopped counting."""
-        clock = now_ms
-        for key, (ms, at) in list(self._entries.items()):
-            since = _since_ms(mono, at)
-            if ms + since >= now_ms or since >= self.expire_ms:
+        """The decision clock, capped at the wall clock ``now_ms``; drops the entries that expired and
+        stays where it was when none is left."""
+        listened = self._listening(mono)
+        for key, (_, at) in list(self._entries.items()):
+            if listened - at >= (self.hold_ms if key == _LATEST else self.expire_ms):
                 del self._entries[key]
-            else:
-                clock = min(clock, ms + since)
-        return clock
+        if self._entries:
+            self._last = min(now_ms, min(ms for ms, _ in self._entries.values()))
+        return self._last
+
+    def _set(self, key: bytes, watermark_ms: int, mono: float) -> None:
+        self._listened = self._listening(mono)
+        self._heard_at = mono
+        self._entries[key] = (watermark_ms, self._listened)
+
+    def _listening(self, mono: float) -> float:
+        if self._heard_at is None:
+            return self._listened
+        return self._listened + min(max(0.0, (mono - self._heard_at) * 1000), LISTEN_GAP_MS)

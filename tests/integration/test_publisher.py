@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_CREATE_TIME, Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -158,6 +158,7 @@ async def test_broker_outage_spills_promptly_and_replays_exactly_once_in_key_ord
 ) -> None:
     keys = ["svc-a", "svc-b", "svc-c"]
     sent: dict[str, list[str]] = defaultdict(list)  # acknowledged bodies per key, in call order
+    restarted_ms: list[int] = []
     latencies: list[float] = []
 
     async def one_key(key: str, phase: str, count: int, until: Any = None) -> None:
@@ -181,6 +182,7 @@ async def test_broker_outage_spills_promptly_and_replays_exactly_once_in_key_ord
         await stream("a", 10)
         assert metrics.spilled.labels("logs")._value.get() == 0
         await asyncio.to_thread(kafka_broker.stop)
+        down_ms = time.time_ns() // 1_000_000
         try:
             latencies.clear()
             await stream("b", 10)
@@ -195,6 +197,7 @@ async def test_broker_outage_spills_promptly_and_replays_exactly_once_in_key_ord
             # up: what arrives meanwhile must queue up behind the spill, even once the breaker has closed.
             restarted_at: list[float] = []
             restart = asyncio.ensure_future(asyncio.to_thread(kafka_broker.start, timeout=90))
+            restart.add_done_callback(lambda _: restarted_ms.append(time.time_ns() // 1_000_000))
             restart.add_done_callback(lambda _: restarted_at.append(time.monotonic()))
             await stream("c", 10_000, until=lambda: restarted_at and time.monotonic() > restarted_at[0] + 3)
             await restart
@@ -214,6 +217,10 @@ async def test_broker_outage_spills_promptly_and_replays_exactly_once_in_key_ord
         assert [b for msg in grouped[key] for b in bodies_of(msg)] == sent[key]  # exactly once, in order
         seqs = [int(dict(m.headers())["kotel.seq"]) for m in grouped[key]]
         assert seqs == sorted(seqs)
+        # What was spilled during the outage keeps the time the agent received it, not the replay's.
+        spilled = [m.timestamp() for m in grouped[key] if any(b.startswith(f"{key}:b") for b in bodies_of(m))]
+        assert spilled and all(kind == TIMESTAMP_CREATE_TIME and down_ms <= ms < restarted_ms[0]
+                               for kind, ms in spilled), (down_ms, restarted_ms, spilled)
 
 
 async def test_a_restarted_agent_replays_what_an_earlier_run_spilled(

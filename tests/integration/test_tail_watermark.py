@@ -6,10 +6,16 @@ its root on A and its other spans, the ERROR one included, on B, with the same e
 therefore reaches the stage LAG after A's. Deciding on the latest input time (before watermarks), A's
 fresh records decided each trace after decision_wait on A's half alone, dropped the ERROR traces and
 let B's spans follow as late; on the regroupers' low watermark the stage waits for B.
+
+The second test stops the broker itself for three times decision_wait between the two halves of each
+trace, as an outage does between spans sent before it and spans an agent spilled during it (produced
+afterwards with their original timestamps). On the wall clock the traces were decided during the
+outage on their first half; on evidence the clocks stop with the broker and go on from there after it.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -20,8 +26,9 @@ import pytest
 from confluent_kafka import Producer
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from kotel.kafka.broker import KafkaBroker
 from kotel.otlp import Signal
-from streams.stages.tail_clock import REGROUPER_HEADER, WATERMARK_HEADER
+from streams.stages.tail_clock import HEARTBEAT_HEADER, REGROUPER_HEADER, WATERMARK_HEADER
 from tests.integration.stage_support import StageEnv, headers_of, read_all, wait_until
 from tests.integration.test_tail import HEADERS, span_ids
 from tests.unit.otlp_builders import build
@@ -30,7 +37,7 @@ WAIT_MS = 1500
 LAG_MS = 2 * WAIT_MS
 GATEWAY = (f"  processors:\n    tail_sampling:\n      decision_wait: {WAIT_MS}ms\n"
            "      policies: [{name: errors, type: status_code, status_code: {status_codes: [ERROR]}}]\n")
-A, B = 0, 1  # partitions of the deduped topic
+A, B, C = 0, 1, 2  # partitions of the deduped topic
 MS = 1_000_000
 
 
@@ -143,3 +150,70 @@ def test_error_traces_split_over_a_lagging_partition_come_out_whole(env: StageEn
     held = [int(h[WATERMARK_HEADER]) for b, h in zip(bundles, marks, strict=True) if b.key == b"i-a"]
     assert held and max(held) <= event_ms - LAG_MS + WAIT_MS
     assert worker.stop() == 0
+
+
+# The clock moves on while the broker still answers as it stops (about 2 s here) and from when the worker
+# reads again (about 1.5 s): decision_wait leaves room for both.
+OUTAGE_WAIT_MS = 8000
+OUTAGE_GATEWAY = GATEWAY.replace(f"decision_wait: {WAIT_MS}ms", f"decision_wait: {OUTAGE_WAIT_MS}ms")
+
+
+def test_a_broker_outage_stops_the_clocks_so_spans_held_back_by_it_still_count(
+        kafka_broker: KafkaBroker, kafka_bootstrap: str, tmp_path: Path) -> None:
+    with StageEnv(kafka_bootstrap, tmp_path, OUTAGE_GATEWAY, partitions=3) as env:
+        names, boot = env.topology.topic_names, env.bootstrap
+        source, repartition = names.deduped("traces"), f"kotel-{env.prefix}-tail-traces-repartition"
+        worker = env.worker("tail").start().wait_ready()
+        rng = random.Random(12)
+        traces = [split_trace(rng, error=n % 2 == 0) for n in range(40)]
+        errors = {tid for n, (tid, _, _) in enumerate(traces) if n % 2 == 0}
+        # Its own logger: while the broker is stopped, librdkafka would print refusals to stderr.
+        producer = Producer({"bootstrap.servers": boot, "enable.idempotence": True, "linger.ms": 5,
+                             "logger": logging.getLogger("tests.producer")})
+        # Every source partition delivers before the outage, as under traffic: the worker's OffsetGuard
+        # (streams.app) ends the worker when it must ask the broker for a partition's committed offset
+        # while the broker is down, which it does for a partition that delivered nothing yet.
+        fillers = [Span(trace_id=rng.randbytes(16), span_id=rng.randbytes(8), name="f") for _ in range(3)]
+        for p, filler in enumerate(fillers):
+            producer.produce(source, request(f"i-f{p}", [filler]), key=b"i-f", partition=p, headers=HEADERS)
+        event_ms = now_ms()
+        for n, (_, root, _) in enumerate(traces):
+            producer.produce(source, request(f"i-a{n % 4}", root), key=b"i-a", partition=A,
+                             timestamp=event_ms, headers=HEADERS)
+        assert producer.flush(10) == 0
+        inputs = len(fillers) + len(traces)
+        wait_until(lambda: worker.metric("kotel_stage_records_in_total") >= inputs, 30, "the roots")
+        kafka_broker.stop()
+        try:  # nothing comes for 3 x decision_wait after the roots, most of it with the broker down
+            time.sleep(max(OUTAGE_WAIT_MS, event_ms + 3 * OUTAGE_WAIT_MS - now_ms()) / 1000)
+            assert worker.alive, worker.log()[-4000:]
+        finally:
+            kafka_broker.start(timeout=90)
+        # A record on a third partition tells when the worker reads again; then what the agents spilled.
+        probe = Span(trace_id=rng.randbytes(16), span_id=rng.randbytes(8), name="probe")
+        producer.produce(source, request("i-c", [probe]), key=b"i-c", partition=C, headers=HEADERS)
+        assert producer.flush(30) == 0
+        wait_until(lambda: worker.metric("kotel_stage_records_in_total") >= inputs + 1, 60,
+                   "the worker to read again")
+        for n, (_, _, children) in enumerate(traces):
+            producer.produce(source, request(f"i-b{n % 4}", children), key=b"i-b", partition=B,
+                             timestamp=event_ms, headers=HEADERS)
+        assert producer.flush(10) == 0
+        wait_until(lambda: worker.metric("kotel_tail_traces_decided_total") >= inputs + 1, 60,
+                   "every trace to be decided")
+
+        got = span_ids(read_all(boot, names.sampled_traces, at_least=len(errors), settle=1.0))
+        missing = [tid.hex() for tid, root, children in traces if tid in errors
+                   and not {s.span_id for s in root + children} <= got.keys()]
+        assert missing == [], f"{len(missing)} of {len(errors)} ERROR traces incomplete or dropped"
+        assert worker.metric("kotel_tail_late_spans_total") == 0
+        assert worker.metric("kotel_tail_traces_decided_total", decision="sampled") == len(errors)
+        assert max(got.values()) == 1
+        # Heartbeats went to every repartition partition; they are neither input records nor dead letters.
+        beats = [b for b in read_all(boot, repartition, at_least=1, settle=0.5)
+                 if HEARTBEAT_HEADER in headers_of(b)]
+        assert {b.partition for b in beats} == {0, 1, 2}
+        assert all(b.value == b"" and b.key == headers_of(b)[REGROUPER_HEADER].encode() for b in beats)
+        assert worker.metric("kotel_stage_records_in_total") == inputs + 1 + len(traces)
+        assert worker.metric("kotel_stage_deadlettered_records_total") == 0
+        assert worker.stop() == 0

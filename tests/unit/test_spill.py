@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def record(seq: int, key: str = "k1", size: int = 10) -> SpillRecord:
     headers = (("kotel.tenant", b"team-a"), ("kotel.seq", str(seq).encode()))
-    return SpillRecord(seq, "traces", "kotel.raw.traces", key, "team-a", headers, bytes([seq % 256]) * size)
+    return SpillRecord(seq, "traces", "kotel.raw.traces", key, "team-a", headers, bytes([seq % 256]) * size,
+                       1_700_000_000_000 + seq)
 
 
 def make_spill(path: Path, **config: object) -> tuple[Spill, AgentMetrics]:
@@ -106,7 +107,8 @@ async def test_part_files_hold_the_documented_columns(tmp_path: Path) -> None:
     spill, _ = make_spill(tmp_path)
     await spill.submit([record(7, key="svc-1")])
     table = pq.read_table(parts_on_disk(tmp_path)[0])
-    assert table.column_names == ["seq", "signal", "topic", "key", "tenant", "headers", "value", "spilled_at"]
+    assert table.column_names == ["seq", "signal", "topic", "key", "tenant", "headers", "value", "spilled_at",
+                                  "created_at"]
     row = table.to_pylist()[0]
     assert (row["seq"], row["key"], row["tenant"]) == (7, "svc-1", "team-a")
     assert row["headers"] == [("kotel.tenant", b"team-a"), ("kotel.seq", b"7")]
