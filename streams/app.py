@@ -371,7 +371,11 @@ class OffsetGuard:
             track = self._tracks.get(tp)
             expected = track.expected if track is not None and track.generation == generation else None
             if expected is None:
-                expected = await self._committed(tp)
+                try:
+                    expected = await self._committed(tp)
+                except Exception as exc:  # broker out of reach: nothing to compare with; look again later
+                    log.info("offset guard: %s[%d] committed offset unknown: %s", tp.topic, tp.partition, exc)
+                    return
             start = expected or 0
             if start >= highwater:
                 continue
