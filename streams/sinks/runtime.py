@@ -5,7 +5,9 @@ OK, RETRY or PERMANENT. Permanent failures go to the dead-letter topic with the 
 handled); retryable ones are retried with backoff, and when the circuit breaker opens the sink pauses
 its partitions — Kafka keeps the backlog, the sink's memory does not grow — and probes again after
 ``open_duration``. Offsets are committed (synchronously, in order) after a batch is fully handled,
-never before; that commit overlaps the polling of the next batch.
+never before; that commit overlaps the polling of the next batch. Records fetched again because a commit
+failed (broker out of reach, rebalance) are skipped when this process handled them already
+(`redelivery.HandledOffsets`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from kotel.kafka.topics import TopicNames
 from kotel.resilience import Backoff, CircuitBreaker
 from kotel.topology import Topology
 from kotel.topology.exporters import CircuitBreakerConfig, RetryConfig
+from streams.sinks.redelivery import HandledOffsets
 
 log = logging.getLogger("kotel.sink")
 
@@ -90,6 +93,9 @@ class SinkMetrics:
         self.paused = Gauge("kotel_sink_paused", "1 while the breaker holds the partitions paused", ["sink"],
                             registry=r)
         self.latency = Histogram("kotel_sink_delivery_seconds", "One deliver() call", ["sink"], registry=r)
+        self.redelivered = Counter("kotel_sink_redelivered_skipped_records", "Records fetched again after a "
+                                   "failed commit and skipped: this process had delivered them", ["sink"],
+                                   registry=r)
 
 
 def sink_topics(topology: Topology, sink: str, signals: Sequence[str]) -> list[str]:
@@ -146,6 +152,7 @@ class SinkRunner:
         self.max_batch, self.poll_timeout = max_batch, poll_timeout
         self.linger = float(getattr(deliverer, "linger", DEFAULT_LINGER_SECONDS))
         self._last_lag = 0.0
+        self.handled = HandledOffsets()  # what a failed commit would make the broker send again
 
     def _breaker_changed(self, state: object) -> None:
         log.info("sink %s: circuit breaker %s", self.name, getattr(state, "value", state))
@@ -161,9 +168,13 @@ class SinkRunner:
         try:
             while not stop.is_set():
                 batch = await asyncio.to_thread(self._poll)
-                if batch.records:
-                    if not await self._handle(batch, stop):
+                batch.records, skipped = self.handled.fresh(batch.records)
+                if skipped:  # fetched again after a failed commit: delivered by this process already
+                    self.metrics.redelivered.labels(self.name).inc(skipped)
+                if batch.offsets:
+                    if batch.records and not await self._handle(batch, stop):
                         break  # stopped while retrying: nothing of this batch is committed
+                    self.handled.handled(batch.offsets)
                     if committing is not None:
                         await committing
                     committing = asyncio.ensure_future(asyncio.to_thread(self._commit, batch))

@@ -190,3 +190,45 @@ async def test_a_commit_overlaps_the_next_poll_and_commits_stay_in_order() -> No
     await runner.run(stop)
     assert consumer.log == ["poll 0", "commit 1 starts", "poll 1", "commit 1 ends", "commit 2 starts",
                             "commit 2 ends", "close"]
+
+
+class _Refetching(_Scripted):
+    """A commit fails (the broker was away); the next fetch starts again from the committed offset 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.script = [[0, 1, 2], [0, 1, 2, 3]]
+
+    def consume(self, n: int, timeout: float) -> list[Any]:
+        if n > 1 or not self.script:
+            return []
+        return [_Message(o) for o in self.script.pop(0)]
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        self.log.append(f"commit {offsets[0].offset}")
+        if offsets[0].offset == 3:
+            raise RuntimeError("KafkaError{code=_TRANSPORT}")
+
+
+class _Recording(_StopAfter):
+    def __init__(self, batches: int, stop: asyncio.Event) -> None:
+        super().__init__(batches, stop)
+        self.offsets: list[int] = []
+
+    async def deliver(self, records: Any) -> list[Any]:
+        self.offsets += [r.offset for r in records]
+        return await super().deliver(records)
+
+
+async def test_records_fetched_again_after_a_failed_commit_are_not_delivered_twice() -> None:
+    stop = asyncio.Event()
+    deliverer = _Recording(2, stop)
+    runner, _ = _runner(deliverer, queued=0)
+    consumer = _Refetching()
+    runner.consumer = consumer  # type: ignore[assignment]
+    await runner.run(stop)
+    assert deliverer.offsets == [0, 1, 2, 3]
+    assert consumer.log == ["commit 3", "commit 4", "close"]
+    skipped = runner.metrics.registry.get_sample_value("kotel_sink_redelivered_skipped_records_total",
+                                                       {"sink": "file/archive"})
+    assert skipped == 3
