@@ -116,7 +116,8 @@ def read_routed(config: dict[str, Any], names: TopicNames, tenants: list[str], s
 
 
 def read_archive(root: Path, tenants: list[str], signal: Signal, run_tag: int, series: int) -> Observation:
-    """Items in the archive, timed by their file (written, fsynced and renamed before the sink acks)."""
+    """Items in the archive, timed by their file: when it was renamed into place (its inode's change time),
+    after the file and the journal were fsynced; the time in its name is taken before it is written."""
     ids_all, ts_all, tenant_all = [], [], []
     for path in sorted(root.glob(f"tenant=*/signal={signal.value}/date=*/part-*.parquet")):
         match = _PART.match(path.name)
@@ -126,7 +127,7 @@ def read_archive(root: Path, tenants: list[str], signal: Signal, run_tag: int, s
         values = pq.read_table(path, columns=["value"]).column("value").to_pylist()
         ids, _ = ids_of_values(signal, values, run_tag, series)
         ids_all.append(ids)
-        ts_all.append(np.full(len(ids), int(match.group(1)), dtype=np.int64))
+        ts_all.append(np.full(len(ids), max(int(match.group(1)), path.stat().st_ctime_ns), dtype=np.int64))
         tenant_all.append(np.full(len(ids), tenants.index(tenant) if tenant in tenants else -1, np.int64))
     if not ids_all:
         return Observation.empty("sink", signal.value)

@@ -8,8 +8,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from kotel.otlp import samples
+from kotel.otlp import Signal, samples
 from kotel.topology.exporters import FileExporterConfig
+from loadtest.collect import read_archive
+from loadtest.generator.identity import span_id
 from loadtest.runner import ArchiveItems
 from streams.sinks.archive import ParquetArchive
 from streams.sinks.runtime import SinkRecord
@@ -34,3 +36,17 @@ def test_archive_items_counts_new_files_and_reads_each_once(tmp_path: Path,
     _deliver(archive, "traces", spans, range(2, 3))
     assert count() == {"traces": 9, "metrics": 0, "logs": 0}
     assert len(reads) == 1  # only the new file
+
+
+def test_archive_items_are_timed_when_their_file_is_in_place_not_by_its_name(tmp_path: Path) -> None:
+    """The name's time is taken before the write; the report's `sink` step ends at the rename."""
+    archive = ParquetArchive("file/archive", FileExporterConfig(path=str(tmp_path)))
+    request = samples.traces(3)
+    for seq, span in enumerate(s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans):
+        span.span_id = span_id(7, seq)  # the load test's identities (run tag 7)
+    _deliver(archive, "traces", request.SerializeToString(), range(1))
+    (path,) = tmp_path.glob("tenant=*/signal=traces/date=*/part-*.parquet")
+    early = path.with_name("part-1-00000000.parquet")  # a name that says 1 ns after the epoch
+    path.rename(early)
+    found = read_archive(tmp_path, ["a"], Signal.TRACES, run_tag=7, series=1)
+    assert len(found.ids) == 3 and set(found.ts_ns.tolist()) == {early.stat().st_ctime_ns}
