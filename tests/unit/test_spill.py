@@ -284,6 +284,19 @@ async def wait_until(condition: object, timeout: float = 5.0) -> None:
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.01)
 
+async def replay_all(spill: Spill) -> FakeKafka:
+    """Run a replayer against a reachable stand-in until the spill is empty; the records it got."""
+    kafka = FakeKafka()
+    kafka.down = False
+    replayer = Replayer(spill, kafka, CircuitBreaker(CircuitBreakerConfig()), RetryConfig(), timeout=1.0)
+    replayer.start()
+    try:
+        await wait_until(lambda: spill.is_empty)
+    finally:
+        await replayer.stop()
+    return kafka
+
+
 
 async def test_replayer_ships_oldest_first_after_the_outage_and_resends_only_unacked(tmp_path: Path) -> None:
     spill, metrics = make_spill(tmp_path)
@@ -313,14 +326,7 @@ async def test_replayer_resumes_what_a_previous_run_left(tmp_path: Path) -> None
     await first.submit([record(0), record(1)])
     await first.close()
     spill, _ = make_spill(tmp_path)
-    kafka = FakeKafka()
-    kafka.down = False
-    replayer = Replayer(spill, kafka, CircuitBreaker(CircuitBreakerConfig()), RetryConfig(), timeout=1.0)
-    replayer.start()
-    try:
-        await wait_until(lambda: spill.is_empty)
-    finally:
-        await replayer.stop()
+    kafka = await replay_all(spill)
     assert [r.seq for r in kafka.topic] == [0, 1]
 
 

@@ -19,17 +19,14 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 
 from agents.publish import Publisher, SpillRecord, read_part
 from agents.publish.producer import KafkaSender
-from agents.publish.replay import Replayer
+from agents.publish.spill import SCHEMA
 from agents.telemetry import AgentMetrics
 from kotel.kafka.settings import KafkaSettings
-from kotel.resilience.breaker import CircuitBreaker
 from kotel.topology.exporters import (
-    CircuitBreakerConfig,
     FileExporterConfig,
     KafkaExporterConfig,
-    RetryConfig,
 )
-from tests.unit.test_spill import FakeKafka, make_spill, parts_on_disk, wait_until
+from tests.unit.test_spill import make_spill, parts_on_disk, replay_all
 
 T = 1_700_000_000_123  # ms
 
@@ -58,16 +55,7 @@ async def test_a_record_without_its_time_replays_with_the_spill_time(tmp_path: P
     assert before <= got.created_ms <= time.time_ns() // 1_000_000
 
 
-OLD_SCHEMA = pa.schema([
-    pa.field("seq", pa.int64(), nullable=False),
-    pa.field("signal", pa.string(), nullable=False),
-    pa.field("topic", pa.string(), nullable=False),
-    pa.field("key", pa.string(), nullable=False),
-    pa.field("tenant", pa.string(), nullable=False),
-    pa.field("headers", pa.map_(pa.string(), pa.binary()), nullable=False),
-    pa.field("value", pa.binary(), nullable=False),
-    pa.field("spilled_at", pa.timestamp("us", tz="UTC"), nullable=False),
-])
+OLD_SCHEMA = pa.schema([f for f in SCHEMA if f.name != "created_at"])  # as written before created_at
 
 
 async def test_a_part_written_before_created_at_still_replays(tmp_path: Path) -> None:
@@ -80,14 +68,7 @@ async def test_a_part_written_before_created_at_still_replays(tmp_path: Path) ->
             "value": [b"v4", b"v5"], "spilled_at": [spilled] * 2}
     pq.write_table(pa.table(rows, schema=OLD_SCHEMA), segment / "part-00000000000000000000.parquet")
     spill, _ = make_spill(tmp_path)
-    kafka = FakeKafka()
-    kafka.down = False
-    replayer = Replayer(spill, kafka, CircuitBreaker(CircuitBreakerConfig()), RetryConfig(), timeout=1.0)
-    replayer.start()
-    try:
-        await wait_until(lambda: spill.is_empty)
-    finally:
-        await replayer.stop()
+    kafka = await replay_all(spill)
     assert [(r.seq, r.value, r.created_ms) for r in kafka.topic] == [(4, b"v4", T), (5, b"v5", T)]
 
 
