@@ -27,6 +27,7 @@ from confluent_kafka.admin import AdminClient
 
 from kotel.kafka.broker import BrokerSettings, KafkaBroker
 from kotel.paths import cache_dir
+from streams.stages.tail_clock import is_heartbeat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -238,10 +239,36 @@ def total_lag(kafka: dict[str, Any], prefix: str, timeout: float = 5.0) -> int:
                 if tp.topic.startswith("__"):
                     continue
                 _low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout)
-                total += max(0, high - max(tp.offset, 0))
+                committed = max(tp.offset, 0)
+                behind = max(0, high - committed)
+                if behind and tp.topic.endswith(REPARTITION_SUFFIX) and behind <= _HEARTBEAT_SCAN:
+                    behind = _records_not_heartbeats(consumer, tp.topic, tp.partition, committed, high)
+                total += behind
         return total
     finally:
         consumer.close()
+
+
+REPARTITION_SUFFIX = "-tail-traces-repartition"
+_HEARTBEAT_SCAN = 1000  # a longer lag is not drained whatever it holds: not worth reading
+
+
+def _records_not_heartbeats(consumer: Consumer, topic: str, partition: int, start: int, end: int,
+                            bound_s: float = 5.0) -> int:
+    """Records in [start, end) that are not the tail's watermark heartbeats: those arrive every second and
+    are committed with the stage's commit interval, so a drained repartition topic always shows a few."""
+    consumer.assign([TopicPartition(topic, partition, start)])
+    found, position, deadline = 0, start, time.monotonic() + bound_s
+    try:
+        while position < end and time.monotonic() < deadline:
+            for msg in consumer.consume(end - position, min(1.0, bound_s)):
+                if msg.error() or msg.offset() >= end:
+                    continue
+                position = msg.offset() + 1
+                found += not is_heartbeat(msg.headers() or [])
+        return found + max(0, end - position)  # unread (timed out): counted as records
+    finally:
+        consumer.unassign()
 
 
 def remove(path: Path) -> None:
