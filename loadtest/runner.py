@@ -10,12 +10,15 @@ read back -> accounting and report. Everything started is stopped on the way out
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import random
+import signal as os_signal
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -305,8 +308,23 @@ def run(scenario: Scenario, results: Path, bootstrap: str | None = None,
     """Run ``scenario``; results (JSON, Markdown, PNG) go to ``results``; its work folder is removed
     unless ``keep_work`` or the run failed."""
     runner = Run(scenario, results, bootstrap, console)
-    result = runner.execute()
+    with sigterm_as_interrupt():  # a stopped run still stops its pipeline, backends and broker
+        result = runner.execute()
     files = write_results(result, results)
     if result["passed"] and not keep_work:
         env.remove(runner.home)
     return result, files
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so the run's clean-up runs (by default it kills
+    the process at once and leaves `kotel up` and the servers it started running)."""
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = os_signal.signal(os_signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        os_signal.signal(os_signal.SIGTERM, previous)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -12,7 +15,7 @@ from kotel.otlp import Signal, samples
 from kotel.topology.exporters import FileExporterConfig
 from loadtest.collect import read_archive
 from loadtest.generator.identity import span_id
-from loadtest.runner import ArchiveItems
+from loadtest.runner import ArchiveItems, sigterm_as_interrupt
 from streams.sinks.archive import ParquetArchive
 from streams.sinks.runtime import SinkRecord
 
@@ -50,3 +53,11 @@ def test_archive_items_are_timed_when_their_file_is_in_place_not_by_its_name(tmp
     path.rename(early)
     found = read_archive(tmp_path, ["a"], Signal.TRACES, run_tag=7, series=1)
     assert len(found.ids) == 3 and set(found.ts_ns.tolist()) == {early.stat().st_ctime_ns}
+
+
+def test_sigterm_interrupts_a_run_like_ctrl_c_and_the_handler_is_restored() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="signal 15"), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs at the next bytecode; never reached
+    assert signal.getsignal(signal.SIGTERM) is before
