@@ -9,7 +9,9 @@ broker outage must not let them run on and decide traces whose spans wait in the
 A source partition's clock is its last admitted record's time. It moves past that only while the broker,
 in a fetch response after that record, says the partition holds nothing newer (highwater <= offset + 1):
 then by the fetch time since the record came. Fetch time across a silence of more than ``POLL_GAP_MS``
-(the broker out of reach) is no evidence and does not count, so the clock resumes where it stopped. A
+(the broker out of reach) is no evidence and does not count, so the clock resumes where it stopped; nor
+does fetch time for as long again after it (at most ``OUTAGE_GRACE_MS``), when agents are only starting
+to replay what they spilled meanwhile (their retries back off, to 30 s): only records move it then. A
 partition that has delivered nothing since it was assigned tells nothing and does not count.
 
 The deciding side (`DecisionClock`, one per repartition partition) keeps the last watermark heard from
@@ -36,6 +38,7 @@ HEARTBEAT_MS = 1000  # a regrouper's longest silence towards a repartition parti
 POLL_GAP_MS = 5000  # no fetch response for this long (they come every 1.5 s when idle): out of reach
 LISTEN_GAP_MS = 5 * HEARTBEAT_MS  # a partition's silence counts as listening up to this much
 HOLD_MS = 3 * HEARTBEAT_MS  # a takeover's clock or headerless bundles: held until regroupers are heard
+OUTAGE_GRACE_MS = 45_000  # after an outage, fetch time counts again at most this much later (spill replays)
 _MAX_ID = 64
 _MAX_DIGITS = 18  # fits the int64 fields the clock is logged in
 _LATEST = b""  # DecisionClock's entry for bundles without headers; never a regrouper's id (checked)
@@ -95,6 +98,7 @@ class _Source:
     seen_ms: int  # the latest fetch time taken into account (first: when the record was admitted)
     credit_ms: int = 0  # fetch time since the record, out-of-reach silences left out
     lost: bool = False  # no fetch response for POLL_GAP_MS when last looked at
+    grace_ms: int = 0  # fetch time before this (the end of an outage's grace) is no evidence
 
 
 class RegroupClock:
@@ -105,7 +109,9 @@ class RegroupClock:
 
     def admitted(self, partition: Hashable, stamp_ms: int, offset: int, now_ms: int) -> None:
         """Record ``offset`` of ``partition``, with timestamp ``stamp_ms``, was admitted at ``now_ms``."""
-        self._partitions[partition] = _Source(stamp_ms, offset, now_ms)
+        before = self._partitions.get(partition)  # an outage's grace outlives the records replayed in it
+        grace = before.grace_ms if before is not None else 0
+        self._partitions[partition] = _Source(stamp_ms, offset, now_ms, grace_ms=grace)
 
     def keep(self, assigned: Iterable[Hashable]) -> None:
         """Forget the partitions not in ``assigned`` (revoked in a rebalance)."""
@@ -123,8 +129,10 @@ class RegroupClock:
     def _clock(source: _Source, now_ms: int, poll: Poll | None) -> int:
         at = poll.at_ms if poll is not None else None
         if at is not None and at > source.seen_ms:
-            if not source.lost:
-                source.credit_ms += at - source.seen_ms
+            if source.lost:  # as long as the silence, up to OUTAGE_GRACE_MS (agents' backoffs grow with it)
+                source.grace_ms = at + min(OUTAGE_GRACE_MS, at - source.seen_ms)
+            elif at > source.grace_ms:
+                source.credit_ms += at - max(source.seen_ms, source.grace_ms)
             source.seen_ms, source.lost = at, False
         elif now_ms - source.seen_ms > POLL_GAP_MS:
             source.lost = True  # out of reach: the time until the next fetch response is no evidence

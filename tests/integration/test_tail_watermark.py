@@ -199,7 +199,8 @@ def test_a_broker_outage_stops_the_clocks_so_spans_held_back_by_it_still_count(
             producer.produce(source, request(f"i-b{n % 4}", children), key=b"i-b", partition=B,
                              timestamp=event_ms, headers=HEADERS)
         assert producer.flush(10) == 0
-        wait_until(lambda: worker.metric("kotel_tail_traces_decided_total") >= inputs + 1, 60,
+        # after an outage, decisions wait OUTAGE_GRACE_MS (45 s) for the agents' spills
+        wait_until(lambda: worker.metric("kotel_tail_traces_decided_total") >= inputs + 1, 150,
                    "every trace to be decided")
 
         got = span_ids(read_all(boot, names.sampled_traces, at_least=len(errors), settle=1.0))

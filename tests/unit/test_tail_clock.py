@@ -16,6 +16,7 @@ from rocksdict import Options, Rdict
 from streams.stages.tail_clock import (
     HEARTBEAT_HEADER,
     HOLD_MS,
+    OUTAGE_GRACE_MS,
     POLL_GAP_MS,
     REGROUPER_HEADER,
     WATERMARK_HEADER,
@@ -96,12 +97,48 @@ def test_fetch_time_across_an_outage_is_no_evidence() -> None:
     assert clock.watermark(T + 2_000, facts.get) == T + 1_400
     for now in range(T + 3_000, T + 60_000, 1000):  # the broker is down: no fetch response comes
         assert clock.watermark(now, facts.get) == T + 1_400
-    facts["A"] = Poll(8, T + 60_000)  # back, and A has nothing newer: only fetches from now on count
+    facts["A"] = Poll(8, T + 60_000)  # back, and A has nothing newer: agents may still hold spills
     assert clock.watermark(T + 60_100, facts.get) == T + 1_400
-    facts["A"] = Poll(8, T + 61_500)
-    assert clock.watermark(T + 61_600, facts.get) == T + 2_900
-    facts["A"] = Poll(8, T + 61_500 + POLL_GAP_MS)  # a pause seen by nobody as an outage still counts
-    assert clock.watermark(T + 61_500 + POLL_GAP_MS, facts.get) == T + 2_900 + POLL_GAP_MS
+    back = T + 60_000 + OUTAGE_GRACE_MS
+    for at in range(T + 61_500, back + 1, 1500):  # the grace: fetches say nothing of the agents' spills
+        facts["A"] = Poll(8, at)
+        assert clock.watermark(at + 100, facts.get) == T + 1_400
+    facts["A"] = Poll(8, back + 1_500)  # then fetch time counts again
+    assert clock.watermark(back + 1_600, facts.get) == T + 2_900
+    facts["A"] = Poll(8, back + 1_500 + POLL_GAP_MS)  # a pause seen by nobody as an outage still counts
+    assert clock.watermark(back + 1_500 + POLL_GAP_MS, facts.get) == T + 2_900 + POLL_GAP_MS
+
+
+def test_a_record_moves_the_clock_during_an_outage_grace() -> None:
+    clock = RegroupClock()
+    clock.admitted("A", T - 100, 7, T)
+    facts = {"A": Poll(8, T + 1_000)}
+    assert clock.watermark(T + 1_000, facts.get) == T + 900
+    for now in range(T + 2_000, T + 60_000, 1000):
+        clock.watermark(now, facts.get)  # down: the fetch responses stop
+    facts["A"] = Poll(8, T + 60_000)
+    assert clock.watermark(T + 60_000, facts.get) == T + 900
+    clock.admitted("A", T + 5_000, 8, T + 61_000)  # a spilled record, replayed with its own time
+    facts["A"] = Poll(9, T + 62_000)
+    assert clock.watermark(T + 62_000, facts.get) == T + 5_000  # its time, no fetch time: still the grace
+    end = T + 60_000 + OUTAGE_GRACE_MS
+    facts["A"] = Poll(9, end + 2_000)
+    assert clock.watermark(end + 2_000, facts.get) == T + 7_000
+
+
+def test_a_short_silence_is_followed_by_as_short_a_grace() -> None:
+    """A rebalance or a stalled loop of 8 s must not hold decisions for the 45 s of a long outage."""
+    clock = RegroupClock()
+    clock.admitted("A", T, 7, T)
+    facts = {"A": Poll(8, T + 1_000)}
+    assert clock.watermark(T + 1_000, facts.get) == T + 1_000
+    clock.watermark(T + 7_000, facts.get)  # silent for more than POLL_GAP_MS
+    facts["A"] = Poll(8, T + 9_000)  # back after 8 s: fetch time counts again from T + 17 s
+    assert clock.watermark(T + 9_000, facts.get) == T + 1_000
+    facts["A"] = Poll(8, T + 16_000)
+    assert clock.watermark(T + 16_000, facts.get) == T + 1_000
+    facts["A"] = Poll(8, T + 20_000)
+    assert clock.watermark(T + 20_000, facts.get) == T + 4_000
 
 
 def test_revoked_partitions_stop_counting() -> None:
@@ -317,7 +354,11 @@ def test_an_outage_stops_the_clocks_and_spilled_spans_still_count(tmp_path: Path
     run.bundle("A", 1, T + 10, T + 60_600, 60.6, span(1, 2, error=True))  # replayed from the spill
     run.facts["A"] = Poll(2, T + 62_000)
     run.mark(T + 62_000, 62.0)
-    due = run.due(T + 62_000, 62.0)
+    assert run.due(T + 62_000, 62.0) == []  # the outage's grace: only records move the clock
+    late = T + 60_000 + OUTAGE_GRACE_MS + LIMITS.decision_wait_ms
+    run.facts["A"] = Poll(2, late)
+    run.mark(late, late / 1000 - T / 1000)
+    due = run.due(late, late / 1000 - T / 1000)
     assert due == [tid(1)]
     (out,) = run.state.decide(due, ErrorsSampled()).outputs
     assert sorted(ids_of(out.value)) == [1, 2]
