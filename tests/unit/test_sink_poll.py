@@ -232,3 +232,16 @@ async def test_records_fetched_again_after_a_failed_commit_are_not_delivered_twi
     skipped = runner.metrics.registry.get_sample_value("kotel_sink_redelivered_skipped_records_total",
                                                        {"sink": "file/archive"})
     assert skipped == 3
+
+
+def test_lag_is_looked_at_again_until_a_partition_is_known() -> None:
+    runner, _ = _runner(_Deliverer(), queued=0)
+    lag = _LagConsumer()
+    runner.consumer = lag  # type: ignore[assignment]
+    unknown = lag.position
+    lag.position = lambda tps: [TopicPartition(tp.topic, tp.partition, -1001) for tp in tps]  # type: ignore[method-assign]
+    runner._update_lag()
+    assert runner._last_lag == 0.0  # nothing known yet: the next turn of the loop looks again
+    lag.position = unknown  # type: ignore[method-assign]
+    runner._update_lag()
+    assert runner._last_lag > 0.0

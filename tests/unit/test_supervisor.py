@@ -166,10 +166,9 @@ asyncio.run(main())
         # starting up would die of a broken pipe instead); the two lines come in either order
         lines = {supervisor.stdout.readline().strip() for _ in range(2)}
         assert "[sleeper] up" in lines
-        pid = int((lines - {"[sleeper] up"}).pop())
+        child = psutil.Process(int((lines - {"[sleeper] up"}).pop()))  # before the kill: it may end at once
         supervisor.kill()
         supervisor.wait(10)
-        child = psutil.Process(pid)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and _running(child):
             time.sleep(0.05)
