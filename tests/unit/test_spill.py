@@ -296,6 +296,16 @@ async def replay_all(spill: Spill) -> FakeKafka:
         await replayer.stop()
     return kafka
 
+def unreachable_publisher(spill: Path, breaker: bool) -> Publisher:
+    """A publisher whose Kafka is a port nothing listens on (500 ms delivery timeout), spilling there."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exporter = KafkaExporterConfig(timeout=timedelta(milliseconds=500), circuit_breaker={"enabled": breaker})
+    return Publisher(KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}"), exporter,
+                     FileExporterConfig(path=str(spill)), agent_id="agent-1")
+
+
 
 
 async def test_replayer_ships_oldest_first_after_the_outage_and_resends_only_unacked(tmp_path: Path) -> None:
@@ -341,12 +351,7 @@ async def test_publisher_without_kafka_spills_within_the_timeout_keeping_call_or
     each waits out its delivery timeout, then spills behind the earlier publishes for its key."""
     from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    exporter = KafkaExporterConfig(timeout=timedelta(milliseconds=500), circuit_breaker={"enabled": breaker})
-    publisher = Publisher(KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}"), exporter,
-                          FileExporterConfig(path=str(tmp_path)), agent_id="agent-1")
+    publisher = unreachable_publisher(tmp_path, breaker)
     await publisher.start()
     try:
         requests = []

@@ -7,7 +7,6 @@ the real one on disk; the replayer ships to an in-memory sender.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,16 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
-from agents.publish import Publisher, SpillRecord, read_part
+from agents.publish import SpillRecord, read_part
 from agents.publish.producer import KafkaSender
 from agents.publish.spill import SCHEMA
 from agents.telemetry import AgentMetrics
-from kotel.kafka.settings import KafkaSettings
-from kotel.topology.exporters import (
-    FileExporterConfig,
-    KafkaExporterConfig,
-)
-from tests.unit.test_spill import make_spill, parts_on_disk, replay_all
+from tests.unit.test_spill import make_spill, parts_on_disk, replay_all, unreachable_publisher
 
 T = 1_700_000_000_123  # ms
 
@@ -92,12 +86,7 @@ async def test_records_are_produced_with_their_own_timestamp() -> None:
 
 
 async def test_the_publisher_stamps_a_batch_when_it_comes_in_not_when_it_is_spilled(tmp_path: Path) -> None:
-    with socket.socket() as sock:  # a port nothing listens on: each publish waits out its timeout
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    exporter = KafkaExporterConfig(timeout=timedelta(milliseconds=500), circuit_breaker={"enabled": False})
-    publisher = Publisher(KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}"), exporter,
-                          FileExporterConfig(path=str(tmp_path)), agent_id="agent-1")
+    publisher = unreachable_publisher(tmp_path, breaker=False)  # each publish waits out its timeout
     await publisher.start()
     try:
         request = ExportLogsServiceRequest()
