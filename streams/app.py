@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import ssl
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import faust
-from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient
 from faust.transport.drivers.aiokafka import Producer as AiokafkaProducer
 from faust.types import EventT, StreamT
 
@@ -62,11 +59,27 @@ class KotelApp(faust.App):
 
     topology: Topology
     stage: str
+    guarded_topics: set[str]
     metrics: WorkerMetrics
     web_port: int
 
     def _new_producer(self) -> _IdempotentProducer:
         return _IdempotentProducer(self.transport, loop=self.loop, beacon=self.beacon)
+
+    def _new_consumer(self) -> Any:
+        """Faust's consumer, except that it marks no offset gaps as acked on topics an `OffsetGuard`
+        watches (``guarded_topics``): the guard reads such gaps again, or adds them (``add_log_hole``)
+        once it has seen that the log has no records there. See `streams.offset_guard`."""
+        consumer = super()._new_consumer()
+        add_gap = consumer._add_gap
+
+        async def add_unguarded_gap(tp: Any, offset_from: int, offset_to: int) -> None:
+            if tp.topic not in self.guarded_topics:
+                await add_gap(tp, offset_from, offset_to)
+
+        consumer._add_gap = add_unguarded_gap
+        consumer.add_log_hole = add_gap
+        return consumer
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -163,6 +176,7 @@ def create_app(topology: Topology, stage: str, *, data_dir: Path, web_port: int 
     )
     app.topology = topology
     app.stage = stage
+    app.guarded_topics = set()
     app.web_port = port
     app.metrics = WorkerMetrics(stage)
 
@@ -317,149 +331,9 @@ class OrderedAcks:
             fatal("an input record could not be finished (outputs or state not acknowledged)", exc)
 
 
-@dataclass(slots=True)
-class _Track:
-    generation: int
-    expected: int | None  # the next offset this partition must deliver; None: take what comes
-    rewound_at: float = 0.0  # monotonic time of our last seek back, 0 when not rewinding
-
-
-class OffsetGuard:
-    """Makes sure a stage sees every record of its partitions, in order, from the committed offset on.
-
-    Faust 0.15 can lose records between its fetcher and its streams right after a rebalance (seen in the
-    kill -9 test, about one run in ten): records fetched for a newly assigned partition are dropped when
-    the consumer generation changes under them (``Consumer.getmany``), so the stream gets a hole (offsets
-    0, 21, 22, ... with 1-20 never delivered) or, when nothing was committed yet, nothing at all. Those
-    records are neither processed nor acked, so the partition's commit stops for good. The guard:
-
-    - compares each record with the offset expected next (the committed one for the first record of a
-      generation) and, on a hole the log does not have itself (retention, transaction markers), seeks
-      Faust back and drops what arrives until the hole is filled;
-    - every ``WATCH_SECONDS`` while the agent is idle, seeks back any partition whose high watermark is
-      past the offset expected next: records are there but do not come.
-    Records seen again are duplicates the stage's own state absorbs.
-    """
-
-    REWIND_RETRY_SECONDS = 10.0
-    WATCH_SECONDS = 5.0
-
-    def __init__(self, app: faust.App, kafka: KafkaSettings, topics: Sequence[str]) -> None:
-        self.app = app
-        self.kafka = kafka
-        self.topics = frozenset(topics)
-        self.rewinds = 0
-        self._tracks: dict[Any, _Track] = {}
-        self._last_event = 0.0
-        self._suspects: dict[Any, int] = {}
-        self._busy: dict[str, Callable[[], bool]] = {}
-        app.timer(self.WATCH_SECONDS, name=f"offset-guard-{'-'.join(sorted(topics))}")(self._watch)
-
-    async def _watch(self) -> None:
-        idle = time.monotonic() - self._last_event >= self.WATCH_SECONDS
-        if not idle or self.app.rebalancing or any(busy() for busy in self._busy.values()):
-            # Getting records, assigning, or still working on admitted ones: a slow stage on a loaded
-            # machine stops admitting because it is busy, not because records went missing.
-            self._suspects.clear()
-            return
-        consumer, generation = self.app.consumer, self.app.consumer_generation_id
-        suspects = {}
-        for tp in consumer.assignment():
-            highwater = consumer.highwater(tp) if tp.topic in self.topics else None
-            if highwater is None:
-                continue
-            track = self._tracks.get(tp)
-            expected = track.expected if track is not None and track.generation == generation else None
-            if expected is None:
-                try:
-                    expected = await self._committed(tp)
-                except Exception as exc:  # broker out of reach: nothing to compare with; look again later
-                    log.info("offset guard: %s[%d] committed offset unknown: %s", tp.topic, tp.partition, exc)
-                    return
-            start = expected or 0
-            if start >= highwater:
-                continue
-            if self._suspects.get(tp) != start:
-                suspects[tp] = start  # waiting records: act if they still have not come next time
-                continue
-            log.warning("%s[%d]: records up to %d are waiting but none arrive; reading again from %d",
-                        tp.topic, tp.partition, highwater - 1, start)
-            self.rewinds += 1
-            await seek(self.app, tp, start)
-        self._suspects = suspects
-
-    def hold_while(self, name: str, busy: Callable[[], bool]) -> None:
-        """Never rewind while ``busy()`` (acks in flight); an agent restarted by Faust replaces its own."""
-        self._busy[name] = busy
-
-    async def admit(self, event: EventT) -> bool:
-        """True: process the record; False: drop it unprocessed and unacked (it will come again)."""
-        msg = event.message
-        self._last_event = time.monotonic()
-        track = self._tracks.get(msg.tp)
-        if track is None or track.generation != msg.generation_id:
-            track = self._tracks[msg.tp] = _Track(msg.generation_id, await self._committed(msg.tp))
-        expected = track.expected
-        if expected is None or msg.offset == expected:
-            track.expected, track.rewound_at = msg.offset + 1, 0.0
-            return True
-        if msg.offset < expected:
-            return False  # handled already in this generation: a copy fetched again after our seek
-        if track.rewound_at and time.monotonic() - track.rewound_at < self.REWIND_RETRY_SECONDS:
-            return False  # fetched before our seek; the records from `expected` on are on their way
-        first = await self._first_offset(msg.tp, expected)
-        if first is None or first >= msg.offset:
-            track.expected, track.rewound_at = msg.offset + 1, 0.0  # a hole in the log itself
-            return True
-        log.warning("%s[%d]: got offset %d but %d was never delivered; reading again from %d",
-                    msg.topic, msg.partition, msg.offset, expected, expected)
-        self.rewinds += 1
-        track.rewound_at = time.monotonic()
-        await seek(self.app, msg.tp, expected)
-        return False
-
-    async def _committed(self, tp: Any) -> int | None:
-        admin = AIOKafkaAdminClient(**aiokafka_options(self.kafka))
-        await admin.start()
-        try:
-            found = await admin.list_consumer_group_offsets(self.app.conf.id, partitions=[tp])
-        finally:
-            await admin.close()
-        meta = found.get(tp)
-        return meta.offset if meta is not None and meta.offset >= 0 else None
-
-    async def _first_offset(self, tp: Any, offset: int) -> int | None:
-        """The offset of the first record the broker has at or after ``offset`` (None: none yet)."""
-        consumer = AIOKafkaConsumer(**aiokafka_options(self.kafka), group_id=None, enable_auto_commit=False)
-        await consumer.start()
-        try:
-            consumer.assign([tp])
-            consumer.seek(tp, offset)
-            records = (await consumer.getmany(tp, timeout_ms=5000, max_records=1)).get(tp, [])
-            return records[0].offset if records else None
-        finally:
-            await consumer.stop()
-
-
 def _value_size(event: EventT) -> int:
     message = getattr(event, "message", None)  # a unit test may hand in stand-ins without one
     return len(getattr(message, "value", None) or b"")
-
-
-async def seek(app: faust.App, tp: Any, offset: int) -> None:
-    """Seek Faust's consumer from its own thread.
-
-    Faust's ``Consumer.seek`` calls aiokafka's ``seek`` from the app's loop while aiokafka runs in the
-    consumer thread; a seek landing in the middle of the fetcher's ``fetched_records`` crashed it
-    (``KeyError`` in ``del self._records[tp]``, seen under load in the baseline and soak runs).
-    """
-    consumer = app.consumer
-    thread = getattr(consumer, "_thread", None)
-    if thread is None or not hasattr(thread, "call_thread"):
-        await consumer.seek(tp, offset)
-        return
-    await thread.call_thread(thread.seek, tp, offset)
-    consumer._read_offset[tp] = offset if offset else None  # as Consumer.seek does (livelock detection)
 
 
 def _succeeded(future: Awaitable[Any]) -> bool:

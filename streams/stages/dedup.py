@@ -37,8 +37,9 @@ from faust.types import EventT, StreamT
 from kotel.otlp import OtlpDecodeError, Signal, validate_request
 from kotel.topology import Topology
 from kotel.topology.processors import DedupConfig
-from streams.app import OffsetGuard, OrderedAcks, Pending, aiokafka_options, fatal, metrics_of
+from streams.app import OrderedAcks, Pending, aiokafka_options, fatal, metrics_of
 from streams.deadletter import DeadLetter
+from streams.offset_guard import OffsetGuard
 from streams.stages.dedup_core import Record, decide, identify_record, identify_records
 from streams.stages.dedup_store import SeenTable, decode_changelog, encode_changelog
 

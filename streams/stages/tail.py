@@ -44,8 +44,9 @@ from faust.types import EventT, StreamT
 from kotel.kafka.admin import ensure_topic
 from kotel.otlp import OtlpDecodeError, Signal, decode_protobuf, validate_request
 from kotel.topology import Topology
-from streams.app import OffsetGuard, OrderedAcks, fatal, metrics_of
+from streams.app import OrderedAcks, fatal, metrics_of
 from streams.deadletter import DeadLetter
+from streams.offset_guard import OffsetGuard
 from streams.stages.tail_clock import DecisionClock, is_heartbeat
 from streams.stages.tail_core import (
     INDEX_HEADER,

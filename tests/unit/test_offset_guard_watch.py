@@ -8,7 +8,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
 from kotel.topology import parse_topology
-from streams.app import OffsetGuard
+from streams.offset_guard import OffsetGuard
 
 TOPOLOGY = 'kafka: {bootstrap_servers: "127.0.0.1:1"}\ntopics: {prefix: kt}\n'
 TP = TopicPartition("kt.deduped.traces", 0)

@@ -7,7 +7,7 @@ import threading
 from collections import defaultdict
 from typing import Any
 
-from streams.app import seek
+from streams.offset_guard import seek
 
 
 class _Thread:
