@@ -3,7 +3,9 @@ from __future__ import annotations
 import json
 import logging
 
-from kotel.logs import JsonFormatter
+import pytest
+
+from kotel.logs import JsonFormatter, RepeatFilter, setup_logging
 
 
 def test_json_log_lines_carry_level_logger_message_and_extras() -> None:
@@ -15,3 +17,40 @@ def test_json_log_lines_carry_level_logger_message_and_extras() -> None:
     assert line["message"] == "spilled 3 records"
     assert line["signal"] == "traces"
     assert line["time"].endswith("+00:00")
+
+
+def _record(message: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:
+    return logging.LogRecord("aiokafka", level, __file__, 1, message, args or None, None)
+
+
+def test_a_repeated_message_passes_once_per_window_and_then_says_how_often_it_came() -> None:
+    now = [100.0]
+    repeats = RepeatFilter(window=10.0, clock=lambda: now[0])
+    spam = "Unable connect to node with id %s: %s"
+    assert repeats.filter(_record(spam, 1, "refused"))
+    assert not any(repeats.filter(_record(spam, 1, "refused")) for _ in range(2999))
+    assert repeats.filter(_record(spam, 2, "refused"))  # another node: another message
+    assert repeats.filter(_record(spam, 1, "refused", level=logging.WARNING))  # another level
+    now[0] = 110.5
+    later = _record(spam, 1, "refused")
+    assert repeats.filter(later)
+    assert later.getMessage() == ("Unable connect to node with id 1: refused (and 2999 more times in the "
+                                  "last 10 s)")
+    assert not repeats.filter(_record(spam, 1, "refused"))
+
+
+def test_debug_records_are_never_held_back() -> None:
+    repeats = RepeatFilter(window=10.0, clock=lambda: 0.0)
+    assert all(repeats.filter(_record("fetch %d", 1, level=logging.DEBUG)) for _ in range(5))
+
+
+def test_setup_logging_holds_back_repeats(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging("INFO")
+    try:
+        for _ in range(50):
+            logging.getLogger("aiokafka").error("Unable to update metadata from [1]")
+        logging.getLogger("kotel.test").warning("something else")
+    finally:
+        logging.getLogger().handlers[:] = []
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].endswith("Unable to update metadata from [1]")
