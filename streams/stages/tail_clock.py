@@ -95,7 +95,8 @@ class Poll(NamedTuple):
 class _Source:
     stamp_ms: int  # the last admitted record's time
     offset: int
-    seen_ms: int  # the latest fetch time taken into account (first: when the record was admitted)
+    counted_ms: int  # fetch time counted as credit up to here (first: when the record was admitted)
+    polled_ms: int  # the latest fetch time seen, records or not (first: the partition's first admission)
     credit_ms: int = 0  # fetch time since the record, out-of-reach silences left out
     lost: bool = False  # no fetch response for POLL_GAP_MS when last looked at
     grace_ms: int = 0  # fetch time before this (the end of an outage's grace) is no evidence
@@ -109,9 +110,12 @@ class RegroupClock:
 
     def admitted(self, partition: Hashable, stamp_ms: int, offset: int, now_ms: int) -> None:
         """Record ``offset`` of ``partition``, with timestamp ``stamp_ms``, was admitted at ``now_ms``."""
-        before = self._partitions.get(partition)  # an outage's grace outlives the records replayed in it
-        grace = before.grace_ms if before is not None else 0
-        self._partitions[partition] = _Source(stamp_ms, offset, now_ms, grace_ms=grace)
+        source = self._partitions.get(partition)
+        if source is None:
+            self._partitions[partition] = _Source(stamp_ms, offset, now_ms, now_ms)
+            return
+        # A silence and its grace outlive the records that end it (those a stage retried, the spills)
+        source.stamp_ms, source.offset, source.counted_ms, source.credit_ms = stamp_ms, offset, now_ms, 0
 
     def keep(self, assigned: Iterable[Hashable]) -> None:
         """Forget the partitions not in ``assigned`` (revoked in a rebalance)."""
@@ -128,14 +132,16 @@ class RegroupClock:
     @staticmethod
     def _clock(source: _Source, now_ms: int, poll: Poll | None) -> int:
         at = poll.at_ms if poll is not None else None
-        if at is not None and at > source.seen_ms:
+        if at is not None and at > source.polled_ms:
             if source.lost:  # as long as the silence, up to OUTAGE_GRACE_MS (agents' backoffs grow with it)
-                source.grace_ms = at + min(OUTAGE_GRACE_MS, at - source.seen_ms)
-            elif at > source.grace_ms:
-                source.credit_ms += at - max(source.seen_ms, source.grace_ms)
-            source.seen_ms, source.lost = at, False
-        elif now_ms - source.seen_ms > POLL_GAP_MS:
+                source.grace_ms = at + min(OUTAGE_GRACE_MS, at - source.polled_ms)
+            source.polled_ms, source.lost = at, False
+        elif now_ms - source.polled_ms > POLL_GAP_MS:
             source.lost = True  # out of reach: the time until the next fetch response is no evidence
+        start = max(source.counted_ms, source.grace_ms)
+        if at is not None and at > start:
+            source.credit_ms += at - start
+            source.counted_ms = at
         caught_up = poll is not None and poll.highwater is not None and poll.highwater <= source.offset + 1
         return source.stamp_ms + source.credit_ms if caught_up else source.stamp_ms
 

@@ -52,6 +52,7 @@ class Watermarker:
         self.sources = RegroupClock()
         self._wrote: dict[int, float] = {}  # repartition partition -> monotonic s of our last record
         self._round: list[asyncio.Future[Any]] = []  # the last heartbeats, until the broker took them
+        self._beating: asyncio.Future[None] | None = None  # a round being handed to the producer
         self._warned = False
 
     def admitted(self, tp: Hashable, stamp_ms: int, offset: int) -> None:
@@ -76,15 +77,25 @@ class Watermarker:
         """Every HEARTBEAT_MS: a watermark-only record to each repartition partition we wrote nothing to."""
         while True:
             await asyncio.sleep(HEARTBEAT_MS / 1000)
-            try:
-                await self.beat(time.monotonic())
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the next round tries again; a missed one only slows decisions
-                log.warning("tail-sampling heartbeats failed: %s", exc)
+            self.tick(time.monotonic())
+
+    def tick(self, mono: float) -> None:
+        """One round: the source clock looks at the fetch facts every round, so that it notices a broker
+        out of reach even while a send waits for it (Faust's full producer buffer waited out an outage)."""
+        self.watermark()
+        if self._beating is None or self._beating.done():
+            self._beating = asyncio.ensure_future(self._beat_logged(mono))
+
+    async def _beat_logged(self, mono: float) -> None:
+        try:
+            await self.beat(mono)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the next round tries again; a missed one only slows decisions
+            log.warning("tail-sampling heartbeats failed: %s", exc)
 
     async def beat(self, mono: float) -> None:
-        mark = self.watermark()  # every round, so that the source clock notices a broker out of reach
+        mark = self.watermark()
         if any(not f.done() for f in self._round):
             return  # the broker has not taken the previous round: do not pile them up
         every = HEARTBEAT_MS / 1000

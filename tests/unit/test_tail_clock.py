@@ -126,6 +126,23 @@ def test_a_record_moves_the_clock_during_an_outage_grace() -> None:
     assert clock.watermark(end + 2_000, facts.get) == T + 7_000
 
 
+def test_a_record_that_ends_an_outage_does_not_end_its_grace() -> None:
+    """The first record after an outage (one the dedup stage retried) used to reset the partition's
+    source and with it the outage: fetch time ran on while the agents' spills still held spans."""
+    clock = RegroupClock()
+    clock.admitted("A", T - 100, 7, T)
+    facts = {"A": Poll(8, T + 1_000)}
+    for now in range(T + 1_000, T + 60_000, 1000):
+        clock.watermark(now, facts.get)  # down from T + 1 s: the fetch responses stop
+    clock.admitted("A", T + 900, 8, T + 60_500)  # back: a retried record comes before any watermark
+    for at in range(T + 61_000, T + 60_000 + OUTAGE_GRACE_MS, 1500):  # caught up, nothing newer
+        facts["A"] = Poll(9, at)
+        assert clock.watermark(at, facts.get) == T + 900
+    end = T + 61_000 + OUTAGE_GRACE_MS
+    facts["A"] = Poll(9, end + 1_000)
+    assert clock.watermark(end + 1_000, facts.get) == T + 1_900  # then fetch time counts again
+
+
 def test_a_short_silence_is_followed_by_as_short_a_grace() -> None:
     """A rebalance or a stalled loop of 8 s must not hold decisions for the 45 s of a long outage."""
     clock = RegroupClock()

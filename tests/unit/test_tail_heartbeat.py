@@ -176,3 +176,38 @@ def test_a_malformed_watermark_is_counted_and_ignored() -> None:
     assert watermark_of(Message([("kotel.tenant", b"a")]), bad) is None  # none at all: not counted
     assert watermark_of(Message([(WATERMARK_HEADER, b"12"), (REGROUPER_HEADER, b"r")]), bad) == (b"r", 12)
     assert bad._value.get() == 1
+
+
+async def test_a_send_stuck_on_the_broker_does_not_stop_the_clock_from_looking() -> None:
+    """Faust's producer waits out a full buffer: the source clock must still notice the broker gone."""
+    aiokafka = Aiokafka()
+    app = App(FaustConsumer(Thread(aiokafka)))
+    stuck = asyncio.Event()
+    sends: list[int] = []
+
+    async def send(*_: Any, partition: int, **__: Any) -> asyncio.Future[None]:
+        sends.append(partition)
+        await stuck.wait()  # never set: the broker is gone
+        raise AssertionError("unreachable")
+
+    app.producer.send = send  # type: ignore[method-assign]
+    marks = marker(app, partitions=1)
+    tp = ("deduped", 0)
+    stamp = now_ms() - 10_000
+    marks.admitted(tp, stamp, 4)
+    looked: list[int] = []
+    real = marks.sources.watermark
+
+    def watermark(now_ms: int, poll: Any) -> int:
+        looked.append(now_ms)
+        return real(now_ms, poll)
+
+    marks.sources.watermark = watermark  # type: ignore[method-assign]
+    mono = time.monotonic()
+    for round_ in range(3):
+        marks.tick(mono + round_)
+        await asyncio.sleep(0)
+    assert sends == [0]  # one round in flight, none piled up behind it
+    assert len(looked) >= 3  # but the clock looked every round
+    assert marks._beating is not None and not marks._beating.done()
+    marks._beating.cancel()
