@@ -26,6 +26,7 @@ from faust.transport.drivers.aiokafka import Producer as AiokafkaProducer
 from faust.types import EventT, StreamT
 
 from kotel.topology import Topology
+from streams.metadata_pacing import pace_metadata_retries
 from streams.telemetry import CONTENT_TYPE, WorkerMetrics
 
 if TYPE_CHECKING:  # importing it first at runtime would run into kotel.topology's import cycle
@@ -132,6 +133,7 @@ def create_app(topology: Topology, stage: str, *, data_dir: Path, web_port: int 
     ``<data_dir>/web_port`` so a scraper or a test can find ``/metrics``. Several workers on one host
     therefore never clash, and a fixed port can still be given with ``--web-port``.
     """
+    pace_metadata_retries()
     kafka = topology.kafka
     port = web_port if web_port is not None else free_port()
     data_dir = Path(data_dir)
