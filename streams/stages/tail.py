@@ -65,6 +65,7 @@ from streams.stages.tail_metrics import TailMetrics
 from streams.stages.tail_policies import TailSampler
 from streams.stages.tail_state import Limits, Output, Plan
 from streams.stages.tail_store import TraceTable, changelog_retention, read_outputs, topic_partitions
+from streams.stages.tail_upstream import UpstreamWatch
 
 log = logging.getLogger("kotel.tail")
 
@@ -105,7 +106,10 @@ class TailStage:
         self._locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._primed: dict[int, int] = {}
         self._covers: dict[int, Cover] = {}
-        self.marks = Watermarker(app, self.regrouped, self.partitions)
+        raw = names.raw("traces")
+        self.upstream = UpstreamWatch(topology.kafka, f"kotel-{topics.prefix}-dedup", raw,
+                                      topics.resolve(raw, topics.raw, "traces").partitions, self.partitions)
+        self.marks = Watermarker(app, self.regrouped, self.partitions, lambda: self.upstream.busy)
         self._clocks: dict[int, DecisionClock] = {}
         wait = self.limits.decision_wait_ms + self.limits.root_wait_ms
         self._expiry_ms = max(REGROUPER_EXPIRY_MS, 2 * wait)
@@ -129,6 +133,7 @@ class TailStage:
         app.agent(regrouped, name="tail-buffer")(self._buffer_agent)
         app.task(self._decider)
         app.task(self.marks.run)
+        app.task(self.upstream.run)
         app.on_partitions_assigned.connect(self._assigned)
         # One guard per topic: the heartbeats on one must not keep the guard from watching the other idle
         self.guards = {t: OffsetGuard(app, self.topology.kafka, [t]) for t in (self.source, self.regrouped)}

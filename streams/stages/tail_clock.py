@@ -8,7 +8,8 @@ broker outage must not let them run on and decide traces whose spans wait in the
 
 A source partition's clock is its last admitted record's time. It moves past that only while the broker,
 in a fetch response after that record, says the partition holds nothing newer (highwater <= offset + 1):
-then by the fetch time since the record came. Fetch time across a silence of more than ``POLL_GAP_MS``
+then by the fetch time since the record came, unless the stage upstream still has input for it
+(`tail_upstream`: dedup working through a backlog). Fetch time across a silence of more than ``POLL_GAP_MS``
 (the broker out of reach) is no evidence and does not count, so the clock resumes where it stopped; nor
 does fetch time for as long again after it (at most ``OUTAGE_GRACE_MS``), when agents are only starting
 to replay what they spilled meanwhile (their retries back off, to 30 s): only records move it then. A
@@ -85,10 +86,12 @@ def read_watermark(headers: Headers) -> tuple[bytes, int] | None:
 
 
 class Poll(NamedTuple):
-    """What the broker last said of a partition: its next offset, and when (wall ms); None: unknown."""
+    """What the broker last said of a partition: its next offset, and when (wall ms); None: unknown.
+    ``upstream_busy``: the stage writing the partition still has input for it (tail_upstream)."""
 
     highwater: int | None
     at_ms: int | None
+    upstream_busy: bool = False
 
 
 @dataclass(slots=True)
@@ -142,7 +145,8 @@ class RegroupClock:
         if at is not None and at > start:
             source.credit_ms += at - start
             source.counted_ms = at
-        caught_up = poll is not None and poll.highwater is not None and poll.highwater <= source.offset + 1
+        caught_up = (poll is not None and not poll.upstream_busy and poll.highwater is not None
+                     and poll.highwater <= source.offset + 1)
         return source.stamp_ms + source.credit_ms if caught_up else source.stamp_ms
 
 

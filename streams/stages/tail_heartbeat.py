@@ -46,8 +46,10 @@ def aiokafka_consumer(app: faust.App) -> Any:
 class Watermarker:
     """One worker's regrouper: its id, the low watermark of its source partitions, its heartbeats."""
 
-    def __init__(self, app: faust.App, topic: str, partitions: int) -> None:
+    def __init__(self, app: faust.App, topic: str, partitions: int,
+                 upstream_busy: Callable[[], frozenset[int]] = frozenset) -> None:
         self.app, self.topic, self.partitions = app, topic, partitions
+        self.upstream_busy = upstream_busy  # source partitions the stage before us still has input for
         self.regrouper = uuid.uuid4().hex.encode()  # this process's id in the watermark headers
         self.sources = RegroupClock()
         self._wrote: dict[int, float] = {}  # repartition partition -> monotonic s of our last record
@@ -124,11 +126,14 @@ class Watermarker:
                 log.warning("aiokafka's consumer is not reachable through Faust: source partitions' "
                             "clocks stay at their last record until the next one (decisions wait longer)")
 
+        busy = self.upstream_busy()
+
         def poll(tp: Hashable) -> Poll | None:
+            behind = getattr(tp, "partition", None) in busy
             try:
                 if consumer is None:
-                    return Poll(self.app.consumer.highwater(tp), None)
-                return Poll(consumer.highwater(tp), consumer.last_poll_timestamp(tp))
+                    return Poll(self.app.consumer.highwater(tp), None, behind)
+                return Poll(consumer.highwater(tp), consumer.last_poll_timestamp(tp), behind)
             except _UNREADABLE:  # not assigned (any more), or no fetch yet: no evidence
                 return None
 
