@@ -2,7 +2,12 @@
 
 Every topic stamps records with the broker's append time (``message.timestamp.type=LogAppendTime``),
 so the timestamp of a record in each stage's output topic is when that stage's output became durable:
-that is what the per-stage latencies are computed from. Every tenant and the unrouted topics also go
+that is what the per-stage latencies are computed from. Except, with tail sampling on, the raw and
+deduped trace topics (and the tail's repartition topic, which takes the deduped settings): they keep
+the agent's receive time, the event time tail sampling decides on. With append time there, spans an
+agent replayed from its spill after a broker outage looked 90 s younger than the spans of their trace
+sent before it, and their traces were decided without them (the outage runs' dropped ERROR traces).
+Every tenant and the unrouted topics also go
 to the Parquet archive, which is what the report reads back item by item; backends named by the
 scenario receive the same tenants beside it.
 """
@@ -89,6 +94,8 @@ def topology_dict(scenario: Scenario, wiring: Wiring, tail_sampling: bool) -> di
             "create_tenant_topics_on_first_use": True,
             "defaults": {"partitions": p.partitions, "replication_factor": 1, "retention": "24h",
                          "config": {"message.timestamp.type": "LogAppendTime"}},
+            **({group: {"traces": {"config": {"message.timestamp.type": "CreateTime"}}}
+                for group in ("raw", "deduped")} if "tail_sampling" in gateway_processors else {}),
         },
         "tenancy": {"attribute": "tenant"},
         "agent": {

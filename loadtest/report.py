@@ -60,7 +60,12 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {step} | " + " | ".join(cells) + " |")
     lines += ["", "Steps: `client_ack` scheduled send -> agent's answer; `agent` scheduled send -> record in "
               "the raw topic; each stage: previous stage's record -> its own output record (broker append "
-              "time); `sink` -> Parquet file fsynced; `end_to_end` scheduled send -> sink.", ""]
+              "time); `sink` -> Parquet file fsynced; `end_to_end` scheduled send -> sink."]
+    if result.get("tail_sampling") == "on":
+        lines += ["With tail sampling on, the raw and deduped trace topics keep the time the agent received "
+                  "the spans (CreateTime: the event time the tail stage decides on), so the traces' `agent` "
+                  "step ends at the agent's receipt, `dedup` shows 0 and `tail` counts from the receipt."]
+    lines += [""]
     lines += _backends(result["signals"])
     sampling = result["signals"].get("traces", {}).get("sampling", {})
     lines += ["## Sampling", ""]

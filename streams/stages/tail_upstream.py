@@ -32,11 +32,16 @@ if TYPE_CHECKING:  # importing it first at runtime would run into kotel.topology
 log = logging.getLogger("kotel.tail")
 
 WATCH_SECONDS = 1.0
+# Records a partition may be behind and still count as idle: a transactional producer's last commit
+# marker takes an offset no consumer commits past, and one record is handled in far less than a
+# decision_wait.
+_SLACK = 1
 
 
 def busy_partitions(committed: Mapping[int, int | None], ends: Mapping[int, int], out_partitions: int
                     ) -> frozenset[int]:
-    """Deduped partitions with a raw source partition whose committed offset is short of its end.
+    """Deduped partitions with a raw source partition whose committed offset is more than ``_SLACK``
+    records short of its end.
 
     ``committed`` maps each raw partition to the dedup group's committed offset (None: none yet);
     an empty mapping (no such group) makes nothing busy.
@@ -44,7 +49,7 @@ def busy_partitions(committed: Mapping[int, int | None], ends: Mapping[int, int]
     if not committed or out_partitions <= 0:
         return frozenset()
     return frozenset(raw % out_partitions for raw, end in ends.items()
-                     if end > 0 and (committed.get(raw) or 0) < end)
+                     if end - (committed.get(raw) or 0) > _SLACK)
 
 
 class UpstreamWatch:

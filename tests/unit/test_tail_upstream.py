@@ -14,6 +14,7 @@ def test_a_deduped_partition_is_busy_while_a_raw_partition_feeding_it_is_behind(
     assert busy_partitions({0: 100, 1: 50, 2: None, 3: 70}, ends, 2) == frozenset()
     assert busy_partitions({0: 90, 1: 50, 2: None, 3: 70}, ends, 2) == {0}
     assert busy_partitions({0: 100, 1: 50, 2: None, 3: None}, ends, 2) == {1}  # raw 3 never committed
+    assert busy_partitions({0: 99, 1: 49, 2: None, 3: 69}, ends, 2) == frozenset()  # one record: idle
     assert busy_partitions({}, ends, 2) == frozenset()  # no dedup group: nothing known
 
 
