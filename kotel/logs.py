@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+_OWN = ("kotel", "agents", "streams", "loadtest")
+_RELAYED = ("kotel.librdkafka", "kotel.status.librdkafka")  # librdkafka's lines under our names
 _MAX_TRACKED = 4096  # distinct messages remembered before the expired ones are swept out
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -37,8 +39,10 @@ class JsonFormatter(logging.Formatter):
 
 
 class RepeatFilter(logging.Filter):
-    """Passes a message (logger, level and text alike) at most once per ``window`` seconds; the next one
-    let through says how many were held back. DEBUG records always pass: whoever asks for them wants all.
+    """Passes a library's message (logger, level and text alike) at most once per ``window`` seconds; the
+    next one let through says how many were held back. kotel's own messages always pass (each is meant:
+    a reload, a rewind), except library lines it relays (librdkafka's); so do DEBUG records: whoever asks
+    for them wants all.
     """
 
     def __init__(self, window: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -48,7 +52,7 @@ class RepeatFilter(logging.Filter):
         self._seen: dict[tuple[str, int, str], list[float | int]] = {}  # key -> [passed at, held back]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno <= logging.DEBUG:
+        if record.levelno <= logging.DEBUG or _is_own(record.name):
             return True
         now = self._clock()
         key = (record.name, record.levelno, record.getMessage())
@@ -64,6 +68,12 @@ class RepeatFilter(logging.Filter):
             record.msg = f"{record.getMessage()} (and {held} more times in the last {now - found[0]:.0f} s)"
             record.args = None
         return True
+
+
+def _is_own(name: str) -> bool:
+    if any(name == relayed or name.startswith(relayed + ".") for relayed in _RELAYED):
+        return False
+    return name.split(".", 1)[0] in _OWN
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:

@@ -39,6 +39,18 @@ def test_a_repeated_message_passes_once_per_window_and_then_says_how_often_it_ca
     assert not repeats.filter(_record(spam, 1, "refused"))
 
 
+def test_kotels_own_messages_are_never_held_back_but_relayed_librdkafka_lines_are() -> None:
+    repeats = RepeatFilter(window=10.0, clock=lambda: 0.0)
+
+    def record(name: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.INFO, __file__, 1, "configuration reloaded", None, None)
+
+    assert all(repeats.filter(record("kotel.agent")) for _ in range(3))  # each reload is news
+    assert all(repeats.filter(record("streams.app")) for _ in range(3))
+    assert repeats.filter(record("kotel.librdkafka"))
+    assert not repeats.filter(record("kotel.librdkafka"))
+
+
 def test_debug_records_are_never_held_back() -> None:
     repeats = RepeatFilter(window=10.0, clock=lambda: 0.0)
     assert all(repeats.filter(_record("fetch %d", 1, level=logging.DEBUG)) for _ in range(5))
