@@ -96,7 +96,6 @@ def plan_children(topology: Topology, topology_file: str, available: dict[str, s
     run = [sys.executable, "-m", "kotel.cli"]
     children: list[Child] = []
     skipped: list[str] = []
-    prefix = topology.topics.prefix
 
     def add(name: str, args: list[str], what: str) -> None:
         command, first = args[0], args[1] if len(args) > 1 else ""
@@ -106,9 +105,9 @@ def plan_children(topology: Topology, topology_file: str, available: dict[str, s
         role = {"worker": "stage", "sink": "sink"}.get(command, command)
         group = None
         if role == "stage":
-            group = f"kotel-{prefix}-{first}"
+            group = topology.topic_names.stage_group(first)
         elif role == "sink":
-            group = f"kotel-{prefix}-sink-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in first)
+            group = topology.topic_names.sink_group(first)
         children.append(Child(name, [*run, *args, "--topology", topology_file], what, role=role, group=group))
 
     gateway = topology.gateway

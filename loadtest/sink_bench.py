@@ -112,8 +112,7 @@ gateway:
     consumer = Consumer(
         {
             "bootstrap.servers": args.bootstrap,
-            "group.id": f"kotel-{topology.topics.prefix}-sink-"
-            + "".join(c if c.isalnum() or c in "._-" else "_" for c in exporter),
+            "group.id": topology.topic_names.sink_group(exporter),
         }
     )
     parts = [TopicPartition(topic, p) for p in range(3)]

@@ -141,7 +141,7 @@ def create_app(topology: Topology, stage: str, *, data_dir: Path, web_port: int 
     (data_dir / "web_port").write_text(f"{port}\n", encoding="utf-8")
     defaults = topology.topics.defaults
     app = KotelApp(
-        f"kotel-{topology.topics.prefix}-{stage}",
+        topology.topic_names.stage_group(stage),
         broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap_servers.split(",")],
         broker_client_id=f"{kafka.client_id}-{stage}",
         broker_credentials=_credentials(kafka),

@@ -30,3 +30,12 @@ class TopicNames:
     @property
     def deadletter(self) -> str:
         return f"{self.prefix}.deadletter"
+
+    def stage_group(self, stage: str) -> str:
+        """The consumer group (and Faust app id) of a stage's workers."""
+        return f"kotel-{self.prefix}-{stage}"
+
+    def sink_group(self, sink: str) -> str:
+        """The consumer group of a sink: its exporter name with what Kafka would refuse replaced."""
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in sink)
+        return f"kotel-{self.prefix}-sink-{safe}"

@@ -138,8 +138,7 @@ class SinkRunner:
         if register is not None:  # backend-specific counters (dropped points, partial success) on /metrics
             register(self.metrics.registry)
         self.topics = sink_topics(topology, deliverer.name, deliverer.signals)
-        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in deliverer.name)
-        self.group_id = group_id or f"kotel-{topology.topics.prefix}-sink-{safe}"
+        self.group_id = group_id or topology.topic_names.sink_group(deliverer.name)
         base = topology.kafka.librdkafka_config()
         self.consumer = Consumer({**base, "group.id": self.group_id, "enable.auto.commit": False,
                                   "auto.offset.reset": "earliest", "enable.partition.eof": False,

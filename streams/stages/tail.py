@@ -107,7 +107,7 @@ class TailStage:
         self._primed: dict[int, int] = {}
         self._covers: dict[int, Cover] = {}
         raw = names.raw("traces")
-        self.upstream = UpstreamWatch(topology.kafka, f"kotel-{topics.prefix}-dedup", raw,
+        self.upstream = UpstreamWatch(topology.kafka, names.stage_group("dedup"), raw,
                                       topics.resolve(raw, topics.raw, "traces").partitions, self.partitions)
         self.marks = Watermarker(app, self.regrouped, self.partitions, lambda: self.upstream.busy)
         self._clocks: dict[int, DecisionClock] = {}
