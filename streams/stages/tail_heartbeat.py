@@ -84,20 +84,21 @@ class Watermarker:
     def tick(self, mono: float) -> None:
         """One round: the source clock looks at the fetch facts every round, so that it notices a broker
         out of reach even while a send waits for it (Faust's full producer buffer waited out an outage)."""
-        self.watermark()
+        mark = self.watermark()
         if self._beating is None or self._beating.done():
-            self._beating = asyncio.ensure_future(self._beat_logged(mono))
+            self._beating = asyncio.ensure_future(self._beat_logged(mono, mark))
 
-    async def _beat_logged(self, mono: float) -> None:
+    async def _beat_logged(self, mono: float, mark: int) -> None:
         try:
-            await self.beat(mono)
+            await self.beat(mono, mark)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the next round tries again; a missed one only slows decisions
             log.warning("tail-sampling heartbeats failed: %s", exc)
 
-    async def beat(self, mono: float) -> None:
-        mark = self.watermark()
+    async def beat(self, mono: float, mark: int | None = None) -> None:
+        """Heartbeats carrying ``mark`` (the watermark now, when not given)."""
+        mark = self.watermark() if mark is None else mark
         if any(not f.done() for f in self._round):
             return  # the broker has not taken the previous round: do not pile them up
         every = HEARTBEAT_MS / 1000
