@@ -34,6 +34,14 @@ gateway:
 """
 
 
+def metric_in(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` in a /metrics text whose labels include ``labels``."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if (line.startswith(name + "{") or line.startswith(name + " "))
+               and all(w in line for w in want))
+
+
 @dataclass
 class Worker:
     """A stage worker started by `start_worker`; its timeouts are the stage's (tail answers slower)."""
@@ -47,16 +55,16 @@ class Worker:
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of ``name`` whose labels include ``labels``; 0 while /metrics does not
         answer, so a busy worker slows a sampling loop down instead of ending the bench."""
+        return metric_in(self.scrape(), name, **labels)
+
+    def scrape(self) -> str:
+        """The worker's /metrics text ('' while it does not answer): one snapshot for related figures."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics",
                                         timeout=self.scrape_timeout) as response:
-                text = response.read().decode()
+                return response.read().decode()
         except OSError:
-            return 0.0
-        want = [f'{k}="{v}"' for k, v in labels.items()]
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if (line.startswith(name + "{") or line.startswith(name + " "))
-                   and all(w in line for w in want))
+            return ""
 
     @property
     def proc(self) -> psutil.Process:

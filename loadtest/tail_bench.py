@@ -1,7 +1,7 @@
 """Throughput and memory of one tail-sampling worker against a live broker.
 
 Run: .venv/bin/python -m loadtest.tail_bench [--bootstrap HOST:PORT] [--spans 1500000] [--pending 1000000]
-     [--skip-throughput] [--skip-memory] [--profile]
+     [--deadline 900] [--skip-throughput] [--skip-memory] [--profile]
 Without --bootstrap a throwaway broker is started (kotel.kafka.broker, ports picked at runtime) and
 stopped at the end. Each phase uses fresh topics and a fresh worker started as `kotel worker tail`.
 Traffic: rounds of 4 records of --record-spans spans, one per service instance (the deduped topic's key);
@@ -14,6 +14,8 @@ topologies/compose.yaml (errors, slow > 1 s, 10 % probabilistic).
 2. Memory (decision_wait 10 min): --pending traces are produced and held; RSS is sampled once all
    are pending, then the worker restarts on the same state with num_traces 1000, so it decides them
    all at once, and its own histogram says how long each slice of decisions held the event loop.
+Each wait is bounded by --deadline (filling, deciding and the throughput run alike); a phase stopped by
+it prints what it reached.
 --profile: no broker; cProfile of the pure path (regroup, fragments, ingest, decide) in process.
 A script, not a test: nothing is asserted.
 """
@@ -37,7 +39,7 @@ from kotel.otlp import samples
 from kotel.supervisor import free_ports
 from kotel.topology import parse_topology
 from loadtest import bench_support
-from loadtest.bench_support import TOPOLOGY_HEAD, Worker, backlog_producer, deploy, disk_bytes
+from loadtest.bench_support import TOPOLOGY_HEAD, Worker, backlog_producer, deploy, disk_bytes, metric_in
 
 TOPOLOGY = TOPOLOGY_HEAD + """    tail_sampling:
       decision_wait: {wait}
@@ -149,7 +151,7 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
     peak, first = 0, None
     total = count * rounds.spans
     try:
-        while worker.process.poll() is None:
+        while worker.process.poll() is None and time.monotonic() - began < args.deadline:
             time.sleep(1)
             now, cpu = time.monotonic(), worker.proc.cpu_times()
             peak = max(peak, worker.proc.memory_info().rss)
@@ -189,7 +191,7 @@ def memory(args: argparse.Namespace, work: Path) -> None:
     feeder.start()
     peak = 0
     try:
-        while worker.process.poll() is None:
+        while worker.process.poll() is None and time.monotonic() - began < args.deadline:
             time.sleep(10)
             rss = worker.proc.memory_info().rss
             peak = max(peak, rss)
@@ -210,16 +212,45 @@ def memory(args: argparse.Namespace, work: Path) -> None:
         worker = start_worker(topology, work, data)
         started = time.monotonic()
         target = pending - 1000 * args.partitions
-        while worker.process.poll() is None and worker.metric("kotel_tail_traces_decided_total") < target:
+        before = ""  # /metrics when the first decisions came: start-up and recovery are over
+        while worker.process.poll() is None:
+            scraped = worker.scrape()
+            decided = metric_in(scraped, "kotel_tail_traces_decided_total")
+            before = before or (scraped if decided else "")
+            if decided >= target:
+                break
+            if time.monotonic() - started > args.deadline:
+                print(f"  deciding stopped at the {args.deadline:.0f} s deadline", flush=True)
+                break
             time.sleep(2)
         elapsed = time.monotonic() - started
-        slices = worker.metric("kotel_tail_decision_slice_seconds_count")
-        over = slices - worker.metric("kotel_tail_decision_slice_seconds_bucket", le="0.1")
-        print(f"deciding: {worker.metric('kotel_tail_traces_decided_total'):,.0f} traces in {elapsed:.0f} s "
-              f"(worker start and recovery included), {slices:,.0f} slices, {over:,.0f} of them over "
-              f"100 ms; RSS {worker.proc.memory_info().rss / 2**20:.0f} MiB; {load()}")
+        scraped = worker.scrape()  # one snapshot: the worker goes on deciding
+        slices = metric_in(scraped, "kotel_tail_decision_slice_seconds_count")
+        over = {(kind, le): slices - metric_in(scraped, f"kotel_tail_decision_slice{kind}_seconds_bucket",
+                                               le=le)
+                for kind in ("", "_cpu") for le in ("0.1", "0.25")}
+        decided = metric_in(scraped, "kotel_tail_traces_decided_total")
+        print(f"deciding: {decided:,.0f} traces in {elapsed:.0f} s "
+              f"(worker start and recovery included), {slices:,.0f} slices; over 100 / 250 ms of wall time "
+              f"{over['', '0.1']:,.0f} / {over['', '0.25']:,.0f}, of the event-loop thread's CPU time "
+              f"{over['_cpu', '0.1']:,.0f} / {over['_cpu', '0.25']:,.0f}; "
+              f"RSS {worker.proc.memory_info().rss / 2**20:.0f} MiB; {load()}")
+        early, total = full_collections(before), full_collections(scraped)
+        since = [t - e for t, e in zip(total, early, strict=True)]
+        for when, (count, over_50, over_100) in (("start-up and recovery", early), ("deciding", since)):
+            print(f"  full garbage collections during {when}: {count:,.0f}, {over_50:,.0f} over 50 ms, "
+                  f"{over_100:,.0f} over 100 ms")
+        settled = metric_in(scraped, "kotel_stage_gc_pause_seconds_count", generation="settle")
+        print(f"  and {settled:,.0f} after start-up, freezing its objects (kotel.gc_pauses.settle)")
     finally:
         worker.stop()
+
+
+def full_collections(text: str) -> tuple[float, float, float]:
+    """Full garbage collections in a /metrics text: how many, how many over 50 ms and over 100 ms."""
+    count = metric_in(text, "kotel_stage_gc_pause_seconds_count", generation="2")
+    return count, *(count - metric_in(text, "kotel_stage_gc_pause_seconds_bucket", generation="2", le=le)
+                    for le in ("0.05", "0.1"))
 
 
 def profile(args: argparse.Namespace, work: Path) -> None:
@@ -271,6 +302,8 @@ def main() -> None:
     parser.add_argument("--record-spans", type=int, default=1000, help="spans per input record")
     parser.add_argument("--grouping", type=int, default=4, choices=[1, 2, 4, 5, 10],
                         help="spans of one trace in each instance's record (1: every span its own fragment)")
+    parser.add_argument("--deadline", type=float, default=900,
+                        help="the memory phase stops filling, then deciding, after this many seconds each")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--profile", action="store_true", help="profile the pure path in process, then stop")

@@ -25,6 +25,7 @@ import faust
 from faust.transport.drivers.aiokafka import Producer as AiokafkaProducer
 from faust.types import EventT, StreamT
 
+from kotel import gc_pauses
 from kotel.topology import Topology
 from streams.metadata_pacing import pace_metadata_retries
 from streams.telemetry import CONTENT_TYPE, WorkerMetrics
@@ -53,6 +54,14 @@ class _IdempotentProducer(AiokafkaProducer):
 
     def _settings_extra(self) -> Mapping[str, Any]:
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+
+class SettledWorker(faust.Worker):
+    """Faust's worker, whose start-up heap is frozen once it is up (see `kotel.gc_pauses`)."""
+
+    async def on_startup_finished(self) -> None:
+        await super().on_startup_finished()
+        gc_pauses.settle()
 
 
 class KotelApp(faust.App):

@@ -81,9 +81,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{data_dir} is in use by another worker; give each worker its own --data-dir",
               file=sys.stderr)
         return 2
-    import faust
-
-    from streams.app import create_app
+    from kotel import gc_pauses
+    from streams.app import SettledWorker, create_app
 
     try:
         bind = load_binding(args.stage)
@@ -94,7 +93,8 @@ def _run(args: argparse.Namespace) -> int:
     bind(app, topology)
     log.info("worker %s of %s: data %s, metrics http://127.0.0.1:%d/metrics", args.stage, args.topology,
              data_dir, app.web_port)  # type: ignore[attr-defined]
-    worker = faust.Worker(app, loglevel=args.log_level, override_logging=False, quiet=True)
+    gc_pauses.settle()  # and again once the worker is up
+    worker = SettledWorker(app, loglevel=args.log_level, override_logging=False, quiet=True)
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

@@ -275,7 +275,7 @@ class TailStage:
                     return
                 await self._ensure_primed(p)
                 state = self.table.store.state(p)
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), time.thread_time()
                 now = self._stream_now(p)
                 if not 0 <= now - state.meta.stream_ms < 2 * CLOCK_LOG_MS:  # a takeover starts from it
                     cover, logged = self._covers.get(p, state.meta.cover), now - CLOCK_LOG_MS
@@ -286,12 +286,13 @@ class TailStage:
                     return
                 plan = state.decide([tid for tid, _ in due], self.sampler)
                 state.commit(state.settle(plan, plan.verdicts, now))
-                spent = time.perf_counter() - started
+                spent, spent_cpu = time.perf_counter() - started, time.thread_time() - started_cpu
                 self._deciding[p] += 1
                 self._finishing[p] = asyncio.ensure_future(self._finish(p, plan, now,
                                                                         self._finishing.get(p)))
             self._adapt(spent, len(due))
             self.tail.slice.observe(spent)
+            self.tail.slice_cpu.observe(spent_cpu)
             forced = sum(1 for _, reason in due if reason == "num_traces")
             if forced:
                 self.tail.early.labels("num_traces").inc(forced)

@@ -30,6 +30,11 @@ class TailMetrics:
                              "partitions)", registry=r)
         self.slice = Histogram("kotel_tail_decision_slice_seconds", "Event-loop time of one slice of "
                                "decisions", buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1), registry=r)
+        # Beside the wall time: a slice the OS preempted (or that waited on a disk) shows a long wall
+        # time with a short CPU time; a slice that is itself too much work shows both.
+        self.slice_cpu = Histogram("kotel_tail_decision_slice_cpu_seconds", "CPU time of the event-loop "
+                                   "thread in one slice of decisions",
+                                   buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1), registry=r)
         self.bad_watermarks = Counter("kotel_tail_bad_watermarks", "Bundles whose watermark headers were "
                                       "malformed and ignored (their record time counted)", registry=r)
         self.clock_lag = Gauge("kotel_tail_decision_clock_lag_seconds", "How far the slowest active "
