@@ -303,7 +303,7 @@ def main() -> None:
     parser.add_argument("--grouping", type=int, default=4, choices=[1, 2, 4, 5, 10],
                         help="spans of one trace in each instance's record (1: every span its own fragment)")
     parser.add_argument("--deadline", type=float, default=900,
-                        help="the memory phase stops filling, then deciding, after this many seconds each")
+                        help="each wait (the throughput run; filling, then deciding) ends after this many s")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--profile", action="store_true", help="profile the pure path in process, then stop")
