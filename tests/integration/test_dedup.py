@@ -83,6 +83,14 @@ def long_env(kafka_bootstrap: str, tmp_path: Path) -> Iterator[StageEnv]:
         yield env
 
 
+def test_a_running_worker_froze_its_start_up_heap(short_env: StageEnv) -> None:
+    """Once before Faust starts and once when it is up (kotel.gc_pauses.settle), each pause timed."""
+    worker = short_env.workers[0]
+    wait_until(lambda: worker.metric("kotel_stage_gc_pause_seconds_count", generation="settle") >= 2, 30,
+               "the worker to settle its heap twice")
+    assert worker.metric("kotel_stage_gc_pause_seconds_sum", generation="settle") > 0
+
+
 def test_exact_and_partial_duplicates_across_records(short_env: StageEnv) -> None:
     names, worker = short_env.topology.topic_names, short_env.workers[0]
     key = f"i-{uuid.uuid4().hex[:6]}".encode()

@@ -148,6 +148,10 @@ def test_20k_traces_keep_errors_and_slow_ones_whole_sample_the_share_and_late_sp
     assert worker.metric("kotel_tail_late_spans_total", decision="dropped") == len(late) - late_kept
     assert worker.metric("kotel_tail_late_span_lateness_seconds_count") == len(
         [t for t in traces if t.late])  # one observation per late fragment, here one span each
+    slices = worker.metric("kotel_tail_decision_slice_seconds_count")  # wall and CPU time of each slice
+    assert slices > 0 and worker.metric("kotel_tail_decision_slice_cpu_seconds_count") == slices
+    assert 0 < worker.metric("kotel_tail_decision_slice_cpu_seconds_sum") <= worker.metric(
+        "kotel_tail_decision_slice_seconds_sum") * 1.05  # a thread's CPU time cannot exceed its wall time
     first = headers_of(outs[0])
     assert first["kotel.tenant"] == "tenant-a" and first["kotel.signal"] == "traces"
     trace_ids = {o.key for o in outs}
