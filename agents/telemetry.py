@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from kotel.gc_pauses import PauseHistogram
+
 
 class AgentMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.gc_pauses = PauseHistogram("kotel_agent_gc_pause_seconds", r)
         self.received = Counter("kotel_agent_received_items", "Items received, by signal and transport",
                                 ["signal", "transport"], registry=r)
         self.accepted = Counter("kotel_agent_accepted_items", "Items acknowledged to clients (durable)",

@@ -6,9 +6,10 @@ numpy): about 100k objects whose full collection took ~100 ms here, every few se
 tail worker: 45 of its 46 full collections over 100 ms while deciding a backlog, each an event-loop
 stall). `settle` moves what start-up made out of the collector's sight (`gc.freeze`), so later full
 collections walk only what was made since. Stage workers settle (streams.cli, streams.app); the agent
-and the sinks do not yet: their latency runs with and without it differed less than the host's noise
+and the sinks do not: their latency runs with and without it differed less than the host's noise
 (loadtest/results/scenarios.md). One `gc.callbacks` hook per process times each collection and hands
-the pause to every registered listener (each worker's metrics, several in one test process).
+the pause to every registered listener (each process's metrics, several in one test process): every
+kotel process exports its pauses (`PauseHistogram`), so a latency spike can be checked against them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import time
 import weakref
 from typing import Any, Protocol
 
-__all__ = ["GcListener", "settle", "watch"]
+from prometheus_client import CollectorRegistry, Histogram
+
+__all__ = ["GcListener", "PauseHistogram", "settle", "watch"]
+
+PAUSE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
 class GcListener(Protocol):
@@ -62,3 +67,18 @@ def settle() -> None:
     finally:
         _settling = False
     gc.freeze()
+
+
+class PauseHistogram:
+    """``<name>{<labels>, generation}`` in ``registry``: the pauses of this process, observed for as long
+    as this object lives (the metrics object that holds it)."""
+
+    def __init__(self, name: str, registry: CollectorRegistry, **labels: str) -> None:
+        self.histogram = Histogram(name, "Pauses of Python's garbage collector (the event loop stands "
+                                   "still meanwhile), by generation ('settle': once, after start-up)",
+                                   [*labels, "generation"], registry=registry, buckets=PAUSE_BUCKETS)
+        self.values = list(labels.values())
+        watch(self)
+
+    def observe_gc(self, generation: str, seconds: float) -> None:
+        self.histogram.labels(*self.values, generation).observe(seconds)

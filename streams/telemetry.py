@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from kotel import gc_pauses
 
@@ -43,16 +43,8 @@ class WorkerMetrics:
         self.consumer_lag = Gauge("kotel_stage_consumer_lag",
                                   "Records between the last one processed and the partition's end",
                                   ["stage", "topic", "partition"], registry=r)
-        self.gc_pauses = Histogram("kotel_stage_gc_pause_seconds", "Pauses of Python's garbage collector "
-                                   "(the event loop stands still meanwhile), by generation "
-                                   "('settle': once, after start-up)",
-                                   ["stage", "generation"], registry=r,
-                                   buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+        self.gc_pauses = gc_pauses.PauseHistogram("kotel_stage_gc_pause_seconds", r, stage=stage)
         self._samplers: list[Callable[[], None]] = []
-        gc_pauses.watch(self)
-
-    def observe_gc(self, generation: str, seconds: float) -> None:
-        self.gc_pauses.labels(self.stage, generation).observe(seconds)
 
     def add_sampler(self, sampler: Callable[[], None]) -> None:
         """A callback that refreshes gauges; run before each scrape."""

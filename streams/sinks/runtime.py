@@ -23,6 +23,7 @@ from typing import Protocol
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from kotel.gc_pauses import PauseHistogram
 from kotel.kafka.deadletter import dead_letter_headers
 from kotel.kafka.topics import TopicNames
 from kotel.resilience import Backoff, CircuitBreaker
@@ -83,6 +84,7 @@ class Deliverer(Protocol):
 class SinkMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry or CollectorRegistry()
+        self.gc_pauses = PauseHistogram("kotel_sink_gc_pause_seconds", r)
         self.exported = Counter("kotel_sink_exported_records", "Records the backend accepted",
                                 ["sink", "tenant", "signal"], registry=r)
         self.retried = Counter("kotel_sink_retried_records", "Record deliveries retried", ["sink", "reason"],

@@ -1,4 +1,4 @@
-"""Garbage-collector pauses reach a worker's metrics."""
+"""Garbage-collector pauses reach the metrics of every kind of kotel process."""
 
 from __future__ import annotations
 
@@ -16,6 +16,16 @@ def test_a_full_collection_is_timed_for_each_worker() -> None:
         assert metrics.value("kotel_stage_gc_pause_seconds_sum", generation="2") > 0
 
 
+def test_the_agent_and_a_sink_export_their_pauses_too() -> None:
+    from agents.telemetry import AgentMetrics
+    from streams.sinks.runtime import SinkMetrics
+
+    agent, sink = AgentMetrics(), SinkMetrics()
+    gc.collect()
+    for metrics, name in ((agent, "kotel_agent_gc_pause_seconds"), (sink, "kotel_sink_gc_pause_seconds")):
+        assert (metrics.registry.get_sample_value(f"{name}_count", {"generation": "2"}) or 0) >= 1
+
+
 def test_a_dropped_worker_is_no_longer_told() -> None:
     from kotel import gc_pauses
 
@@ -25,7 +35,7 @@ def test_a_dropped_worker_is_no_longer_told() -> None:
     del dropped
     gc.collect()
     assert len(gc_pauses._listeners) == before - 1
-    assert kept in gc_pauses._listeners
+    assert kept.gc_pauses in gc_pauses._listeners
 
 
 def test_settle_freezes_what_lives_and_collects_what_was_left_since() -> None:
