@@ -44,6 +44,11 @@ _MAX_BATCH_BYTES = 1024 * 1024
 _MAX_FETCH_BYTES = 16 * 1024 * 1024
 EX_SOFTWARE = 70
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024  # per OrderedAcks: record values held until their acks
+# aiokafka keeps one request in flight per broker, so what is sent meanwhile still shares the next request:
+# lingering on top only delays an idle stage's output (dedup and routing each ~3 ms less per hop without,
+# loadtest/hop_latency.py). The tail stage's output waits for decision_wait anyway, and its many small
+# repartition sends went ~5 % faster with 2 ms of linger (loadtest/tail_bench.py).
+_LINGER_MS = {"tail": 2}
 # Events Faust buffers per stream ahead of the agent (its default, 4096, held ~1 GiB of large records).
 _STREAM_BUFFER = 512
 
@@ -162,7 +167,7 @@ def create_app(topology: Topology, stage: str, *, data_dir: Path, web_port: int 
         value_serializer="raw",
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
-        producer_linger_ms=2,
+        producer_linger_ms=_LINGER_MS.get(stage, 0),
         producer_max_batch_size=_MAX_BATCH_BYTES,
         producer_max_request_size=_MAX_REQUEST_BYTES,
         consumer_max_fetch_size=_MAX_FETCH_BYTES,
