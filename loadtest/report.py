@@ -30,7 +30,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [sc["description"], ""]
     lines += [f"Machine: {machine['cpus']} CPUs, {machine['memory_gib']} GiB, Python {machine['python']}, "
               f"load average at start {machine['load_average']}. Started {result['started']}; "
-              f"{result['duration_s']} s of load via {sc['pipeline']['target']}, "
+              f"{result['duration_s']} s of load via {sc['pipeline']['target']} "
+              f"(after {sc.get('warmup', '1s')} of warm-up, not in the latencies), "
               f"tail sampling: {result['tail_sampling']}.", ""]
     for problem in result["problems"]:
         lines.append(f"- **{problem}**")

@@ -1,7 +1,7 @@
 """`kotel loadtest run`: start what a scenario needs, offer its load, drain, read everything back, report.
 
 Order of a run: broker (its own, unless one is given) -> backends -> topology written and applied by
-`kotel up` -> warm-up burst until it reaches the archive (every process is up and joined) -> the load,
+`kotel up` -> warm-up load until it reaches the archive (every process is up and joined) -> the load,
 with the scenario's faults at their times and a live display -> drain (until every consumer group has
 caught up and the archive stops growing) -> `kotel up` stopped as a user would -> topics and archive
 read back -> accounting and report. Everything started is stopped on the way out, whatever happened.
@@ -174,9 +174,9 @@ class Run:
         driver = Driver(shapes, target, ledger, items_per_request=sc.workload.items_per_request,
                         max_in_flight=sc.workload.max_in_flight)
         try:
-            self.say("warm-up: a small burst, until it reaches the archive")
-            await driver.run({s: 50.0 for s, r in sc.workload.rates.model_dump().items() if r > 0}, 1.0,
-                             warmup=True)
+            self.say(f"warm-up: {sc.warmup.total_seconds():g} s of light load, until it reaches the archive")
+            await driver.run({s: 50.0 for s, r in sc.workload.rates.model_dump().items() if r > 0},
+                             sc.warmup.total_seconds(), warmup=True)
             await self._until_archived(ledger, sc.warmup_timeout.total_seconds(), watcher)
             driver.stats.started = time.monotonic()
             start_ns = time.time_ns()

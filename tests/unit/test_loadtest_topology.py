@@ -31,3 +31,17 @@ def test_trace_topics_keep_the_agents_time_only_when_tail_sampling_decides_on_it
     assert stamp(names.raw("metrics"), topics.raw, "metrics") == "LogAppendTime"
     assert stamp(names.deduped("logs"), topics.deduped, "logs") == "LogAppendTime"
     assert stamp(names.sampled_traces, topics.sampled, "traces") == "LogAppendTime"
+
+
+def test_the_latency_scenario_measures_a_warm_pipeline_and_a_run_needs_some_warm_up() -> None:
+    from datetime import timedelta
+
+    import pytest
+    from pydantic import ValidationError
+
+    from loadtest.scenario import Scenario
+
+    assert load_scenario(SCENARIOS / "latency.yaml").warmup >= timedelta(seconds=60)
+    assert Scenario(name="default").warmup == timedelta(seconds=1)
+    with pytest.raises(ValidationError, match="warmup must be positive"):
+        Scenario(name="cold", warmup="0s")
