@@ -32,6 +32,7 @@ from kotel.kafka.broker import (
     server_properties,
 )
 from kotel.kafka.cli import main
+from kotel.supervisor import free_ports
 
 
 @pytest.fixture
@@ -296,7 +297,8 @@ def test_cli_missing_java_is_a_one_line_user_error(
 ) -> None:
     monkeypatch.setenv("KOTEL_HOME", str(tmp_path))
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    assert main(["start", "--port", "39192", "--controller-port", "39193"]) == 2
+    port, controller = free_ports(2)  # fixed ones in the ephemeral range were taken by a client once
+    assert main(["start", "--port", str(port), "--controller-port", str(controller)]) == 2
     assert capsys.readouterr() == ("", f"kotel kafka: {JAVA_MISSING}\n")
 
 
