@@ -37,8 +37,9 @@ from kotel.supervisor import free_ports
 
 @pytest.fixture
 def settings(tmp_path: Path) -> BrokerSettings:
+    port, controller = free_ports(2)  # fixed ones in the ephemeral range can be a client's just then
     return BrokerSettings(
-        state_dir=tmp_path / "state", cache_root=tmp_path / "cache", port=39092, controller_port=39093
+        state_dir=tmp_path / "state", cache_root=tmp_path / "cache", port=port, controller_port=controller
     )
 
 
@@ -203,14 +204,15 @@ def test_running_broker_is_reported_and_start_is_a_no_op(settings: BrokerSetting
     with fake_broker(settings, settings.port, on_sigterm="exit") as proc:
         broker = KafkaBroker(settings)
         status = broker.status()
-        assert (status.running, status.pid, status.bootstrap) == (True, proc.pid, "127.0.0.1:39092")
+        bootstrap = f"127.0.0.1:{settings.port}"
+        assert (status.running, status.pid, status.bootstrap) == (True, proc.pid, bootstrap)
         result = broker.start()
         assert (result.already_running, result.status.pid) == (True, proc.pid)
         with pytest.raises(UserError) as err:
-            KafkaBroker(settings.model_copy(update={"port": 39094})).start()
+            KafkaBroker(settings.model_copy(update={"port": settings.port + 2})).start()
         assert str(err.value) == (
-            f"the Kafka broker of {settings.state_dir} is already running on 127.0.0.1:39092; "
-            "stop it first to start it on 127.0.0.1:39094"
+            f"the Kafka broker of {settings.state_dir} is already running on 127.0.0.1:{settings.port}; "
+            f"stop it first to start it on 127.0.0.1:{settings.port + 2}"
         )
         assert broker.stop() == proc.pid
         assert (settings.state_dir / "sigterm").read_text() == "got it"
@@ -242,9 +244,10 @@ def test_stale_pid_files_are_not_a_running_broker(settings: BrokerSettings) -> N
 def test_server_properties_single_node_dev_cluster(settings: BrokerSettings) -> None:
     lines = server_properties(settings).splitlines()
     props = dict(line.split("=", 1) for line in lines)
-    assert props["listeners"] == "PLAINTEXT://127.0.0.1:39092,CONTROLLER://127.0.0.1:39093"
-    assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:39092"
-    assert props["controller.quorum.voters"] == "1@127.0.0.1:39093"
+    port, controller = settings.port, settings.controller_port
+    assert props["listeners"] == f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}"
+    assert props["advertised.listeners"] == f"PLAINTEXT://127.0.0.1:{port}"
+    assert props["controller.quorum.voters"] == f"1@127.0.0.1:{controller}"
     assert props["auto.create.topics.enable"] == "false"
     assert props["num.partitions"] == "3"
     assert props["offsets.topic.replication.factor"] == "1"
