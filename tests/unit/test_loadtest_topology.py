@@ -1,13 +1,15 @@
-"""The load test's topology keeps event time where tail sampling decides on it."""
+"""The load test's topology keeps event time where tail sampling decides on it; scenarios warm up."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from loadtest.pipeline import Wiring, write_topology
-from loadtest.scenario import load_scenario
+from loadtest.scenario import Scenario, load_scenario
 
 SCENARIOS = Path(__file__).parents[2] / "loadtest" / "scenarios"
 
@@ -34,13 +36,6 @@ def test_trace_topics_keep_the_agents_time_only_when_tail_sampling_decides_on_it
 
 
 def test_the_latency_scenario_measures_a_warm_pipeline_and_a_run_needs_some_warm_up() -> None:
-    from datetime import timedelta
-
-    import pytest
-    from pydantic import ValidationError
-
-    from loadtest.scenario import Scenario
-
     assert load_scenario(SCENARIOS / "latency.yaml").warmup >= timedelta(seconds=60)
     assert Scenario(name="default").warmup == timedelta(seconds=1)
     with pytest.raises(ValidationError, match="warmup must be positive"):
