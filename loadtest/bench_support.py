@@ -127,3 +127,21 @@ def backlog_producer(bootstrap: str) -> Producer:
 def disk_bytes(path: Path) -> int:
     """What a worker's state takes on disk (RocksDB files under its data dir)."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def prefix_of(topology: Path) -> str:
+    """The topic prefix of a topology file written by `deploy`."""
+    return parse_topology(topology.read_text(encoding="utf-8")).topics.prefix
+
+
+def drop_topics(bootstrap: str, prefix: str) -> None:
+    """A phase's topics (GBs of records) and the ones Faust made for it (changelogs, the assignor's
+    leader topic): on a broker that outlives the bench, leftovers pile up partitions for every run."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})  # no info lines at exit
+    ours = (f"{prefix}.", f"kotel-{prefix}-")
+    names = [t for t in admin.list_topics(timeout=10).topics if t.startswith(ours)]
+    for future in admin.delete_topics(names).values() if names else ():
+        try:
+            future.result(60)
+        except Exception as exc:  # a leftover topic is only worth a line
+            print(f"  could not delete a topic: {exc}")

@@ -30,11 +30,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from confluent_kafka.admin import AdminClient
 
 from kotel.otlp import samples
-from kotel.topology import parse_topology
-from loadtest.bench_support import TOPOLOGY_HEAD, backlog_producer, deploy, disk_bytes, start_worker
+from loadtest.bench_support import (
+    TOPOLOGY_HEAD,
+    backlog_producer,
+    deploy,
+    disk_bytes,
+    drop_topics,
+    prefix_of,
+    start_worker,
+)
 
 TOPOLOGY = TOPOLOGY_HEAD + """    dedup: {{window: {window}, signals: [traces]}}
 """
@@ -57,12 +63,14 @@ class Records:
         self.counter = 0
         self._where = np.arange(8, dtype=np.int64)
 
-    def next(self) -> tuple[bytes, bytes]:
+    def next(self) -> tuple[bytes, bytes, int]:
+        """Key, value and the instance's index (its partition is the index modulo the partitions)."""
         self.counter += 1
-        key, buffer, offsets = self.templates[self.counter % len(self.templates)]
+        instance = self.counter % len(self.templates)
+        key, buffer, offsets = self.templates[instance]
         stamp = np.frombuffer(self.counter.to_bytes(8, "big"), dtype=np.uint8)
         buffer[(offsets[:, None] + self._where).ravel()] = np.tile(stamp, len(offsets))
-        return key, buffer.tobytes()
+        return key, buffer.tobytes(), instance
 
 
 def setup(bootstrap: str, work: Path, window: str, partitions: int) -> tuple[Path, str]:
@@ -70,20 +78,24 @@ def setup(bootstrap: str, work: Path, window: str, partitions: int) -> tuple[Pat
     return path, topology.topic_names.raw("traces")
 
 
-def produce(bootstrap: str, topic: str, records: Records, count: int, retry_share: float = 0.05,
-            stamp: Callable[[int], int] | None = None) -> int:
+def produce(bootstrap: str, topic: str, records: Records, count: int, partitions: int,
+            retry_share: float = 0.05, stamp: Callable[[int], int] | None = None) -> int:
+    """The backlog, each instance on partition (its index mod ``partitions``): every partition carries
+    an equal share, as with the many instances of production. Hashing 16 keys onto 3 partitions gave them
+    9, 4 and 3 instances, and the last part of a drain measured one partition alone."""
     producer = backlog_producer(bootstrap)
     spans, last = 0, None
     retry_every = int(1 / retry_share) if retry_share else 0
     for i in range(count):
         if retry_every and last is not None and i % retry_every == retry_every - 1:
-            key, value = last
+            key, value, instance = last
         else:
-            key, value = last = records.next()
+            key, value, instance = last = records.next()
         extra = {"timestamp": stamp(i)} if stamp is not None else {}
         while True:
             try:
-                producer.produce(topic, value, key=key, headers=[("kotel.signal", b"traces")], **extra)
+                producer.produce(topic, value, key=key, partition=instance % partitions,
+                                 headers=[("kotel.signal", b"traces")], **extra)
                 break
             except BufferError:  # the local queue is full: let it drain
                 producer.poll(0.5)
@@ -91,17 +103,6 @@ def produce(bootstrap: str, topic: str, records: Records, count: int, retry_shar
         spans += records.spans
     producer.flush(120)
     return spans
-
-
-def drop_topics(bootstrap: str, topology: Path) -> None:
-    """The phase's topics (GBs of records) are of no use afterwards."""
-    names = [t.name for t in parse_topology(topology.read_text(encoding="utf-8")).planned_topics()]
-    admin = AdminClient({"bootstrap.servers": bootstrap})  # held: its futures fail once it is collected
-    for future in admin.delete_topics(names).values():
-        try:
-            future.result(60)
-        except Exception as exc:  # a leftover topic is only worth a line
-            print(f"  could not delete a topic: {exc}")
 
 
 def load() -> str:
@@ -113,7 +114,7 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
     records = Records(args.batch, args.instances)
     count = args.spans // args.batch
     started = time.monotonic()
-    total = produce(args.bootstrap, topic, records, count)
+    total = produce(args.bootstrap, topic, records, count, args.partitions)
     unique = total - (count // 20) * args.batch
     print(f"backlog: {count} records, {total} spans ({unique} unique) in {time.monotonic() - started:.1f} s; "
           f"load {load()}")
@@ -152,7 +153,7 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
               f"{peak_rss / 2**20:.0f} MiB; load {load()}")
     finally:
         worker.stop()
-        drop_topics(args.bootstrap, topology)
+        drop_topics(args.bootstrap, prefix_of(topology))
 
 
 def memory(args: argparse.Namespace, work: Path) -> None:
@@ -170,7 +171,7 @@ def memory(args: argparse.Namespace, work: Path) -> None:
         return first_ms + (i + 1) * args.window * 1000 // count
 
     started = time.monotonic()
-    total = produce(args.bootstrap, topic, records, count, 0.0, stamp=stamp)
+    total = produce(args.bootstrap, topic, records, count, args.partitions, 0.0, stamp=stamp)
     print(f"backlog: {count} records, {total:,} spans, record times over {args.window} s, produced in "
           f"{time.monotonic() - started:.0f} s; load {load()}", flush=True)
     worker = start_worker("dedup", topology, work)
@@ -198,7 +199,7 @@ def memory(args: argparse.Namespace, work: Path) -> None:
               f"{disk_bytes(worker.data_dir) / 2**20:.0f} MiB")
     finally:
         worker.stop()
-        drop_topics(args.bootstrap, topology)
+        drop_topics(args.bootstrap, prefix_of(topology))
 
 
 def main() -> None:

@@ -24,11 +24,10 @@ import uuid
 from pathlib import Path
 
 from confluent_kafka import Consumer, Producer
-from confluent_kafka.admin import AdminClient
 
 from kotel.otlp import samples
 from kotel.otlp.attributes import kv
-from loadtest.bench_support import TOPOLOGY_HEAD, deploy, start_worker
+from loadtest.bench_support import TOPOLOGY_HEAD, deploy, drop_topics, start_worker
 
 TOPOLOGY = TOPOLOGY_HEAD + """\
     dedup: {{}}
@@ -122,7 +121,7 @@ def run_stage(args: argparse.Namespace, stage: str, work: Path) -> dict[str, obj
         for reader in readers:
             reader.join(10)
         worker.stop()
-        _drop(args.bootstrap, topology.topics.prefix)
+        drop_topics(args.bootstrap, topology.topics.prefix)
     floor, out = (_percentiles(r.latencies) for r in readers)
     cpu = (cpu1.user - cpu0.user + cpu1.system - cpu0.system) / (wall1 - wall0) if cpu0 else 0.0
     added = round(out["p50"] - floor["p50"], 1)
@@ -134,17 +133,6 @@ def run_stage(args: argparse.Namespace, stage: str, work: Path) -> dict[str, obj
 def _line(figures: object) -> str:
     assert isinstance(figures, dict)
     return f"p50/p95/p99 {figures['p50']}/{figures['p95']}/{figures['p99']} ms"
-
-
-def _drop(bootstrap: str, prefix: str) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})  # no info lines at exit
-    ours = (f"{prefix}.", f"kotel-{prefix}-")  # the topology's topics and Faust's own
-    names = [t for t in admin.list_topics(timeout=10).topics if t.startswith(ours)]
-    for future in admin.delete_topics(names).values() if names else ():
-        try:
-            future.result(60)
-        except Exception as exc:  # a leftover topic is only worth a line
-            print(f"  could not delete a topic: {exc}")
 
 
 def main() -> None:

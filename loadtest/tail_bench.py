@@ -39,7 +39,16 @@ from kotel.otlp import samples
 from kotel.supervisor import free_ports
 from kotel.topology import parse_topology
 from loadtest import bench_support
-from loadtest.bench_support import TOPOLOGY_HEAD, Worker, backlog_producer, deploy, disk_bytes, metric_in
+from loadtest.bench_support import (
+    TOPOLOGY_HEAD,
+    Worker,
+    backlog_producer,
+    deploy,
+    disk_bytes,
+    drop_topics,
+    metric_in,
+    prefix_of,
+)
 
 TOPOLOGY = TOPOLOGY_HEAD + """    tail_sampling:
       decision_wait: {wait}
@@ -178,6 +187,7 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
               f"peak RSS {peak / 2**20:.0f} MiB; {load()}")
     finally:
         worker.stop()
+        drop_topics(args.bootstrap, prefix_of(topology))
 
 
 def memory(args: argparse.Namespace, work: Path) -> None:
@@ -244,6 +254,7 @@ def memory(args: argparse.Namespace, work: Path) -> None:
         print(f"  and {settled:,.0f} after start-up, freezing its objects (kotel.gc_pauses.settle)")
     finally:
         worker.stop()
+        drop_topics(args.bootstrap, prefix_of(topology))
 
 
 def full_collections(text: str) -> tuple[float, float, float]:
