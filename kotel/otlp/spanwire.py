@@ -15,13 +15,19 @@ structurally broken record takes the decoded path too, where it fails and is dea
 contents of well-framed fields (attribute values, events) are left to the next stage's parse. A batch
 of records costs one upb call per view and one numpy pass: per-record numpy overhead (~150 us) would
 otherwise dominate small records.
+
+Native twin. When the C extension `kotel.otlp._spanscan` is built (setup.py; it needs a C compiler),
+`read_many` walks each record once in C and answers `ScannedSpans`, which rebuild in C too: the same
+layout rules and refusals, a quarter of the cost (loadtest/results/stages.md). `read_many_python` is the
+reference the tests hold it to.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, islice
 
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -65,6 +71,13 @@ def _view_classes() -> tuple[type[Message], type[Message]]:
         pool.FindMessageTypeByName(f"{_PACKAGE}.BatchCheck"))
 
 
+try:
+    from kotel.otlp import _spanscan
+except ImportError:  # not built: read_many_python does the same, slower
+    _spanscan = None
+# For streams/stages/dedup_hash.py: span identities from material rows, in C (None when not built).
+native_digests = None if _spanscan is None else _spanscan.digests
+
 _BatchView, _BatchCheck = _view_classes()
 _IDS = np.r_[2:18, 20:28]  # trace id and span id in the common head
 _HEAD_AT, _HEAD_BYTES = np.array([0, 1, 18, 19]), np.array([0x0A, 0x10, 0x12, 0x08], np.uint8)
@@ -87,6 +100,16 @@ class WireSpans:
 
     def __len__(self) -> int:
         return len(self.starts)
+
+    def unordered_groups(self) -> set[int]:
+        """The groups (scopes) whose spans are not in start-time order."""
+        found, pos = set(), 0
+        for group, spans in enumerate(self.groups):
+            times = self.starts[pos:pos + len(spans)]
+            if not all(map(operator.le, times, islice(times, 1, None))):
+                found.add(group)
+            pos += len(spans)
+        return found
 
     def rebuild(self, keep: Sequence[bool], sort_groups: set[int]) -> bytes | None:
         """The request with only the kept spans, groups in ``sort_groups`` sorted by start time (stable);
@@ -136,9 +159,44 @@ class WireSpans:
         return (np.lexsort((starts, group_of)) - first[group_of]).tolist()
 
 
-def read_spans(wire: bytes) -> WireSpans | None:
+@dataclass(slots=True)
+class ScannedSpans:
+    """`WireSpans` as the C reader answers it: the record itself, its material and its shape."""
+
+    value: bytes
+    material: bytes
+    count: int
+    scopes: int
+    unordered: list[int]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def unordered_groups(self) -> set[int]:
+        return set(self.unordered)
+
+    def rebuild(self, keep: Sequence[bool], sort_groups: set[int]) -> bytes | None:
+        """As `WireSpans.rebuild`; fields other than spans keep their places in the record."""
+        sort = bytearray(self.scopes)
+        for group in sort_groups:
+            sort[group] = 1
+        return _spanscan.rebuild(self.value, bytes(keep), bytes(sort))  # type: ignore[union-attr,no-any-return]
+
+
+def read_spans(wire: bytes) -> WireSpans | ScannedSpans | None:
     """The spans of an OTLP/protobuf ExportTraceServiceRequest, or None if the decoded path must do it."""
     return read_many([wire])[0]
+
+
+def read_many(values: Sequence[bytes]) -> Sequence[WireSpans | ScannedSpans | None]:
+    """`read_spans` for a batch of records: in C when built, else `read_many_python`."""
+    if _spanscan is None:
+        return read_many_python(values)
+    found: list[WireSpans | ScannedSpans | None] = []
+    for value in values:
+        scanned = _spanscan.scan(value)
+        found.append(None if scanned is None else ScannedSpans(value, *scanned))
+    return found
 
 
 def _wrap(values: Sequence[bytes]) -> bytes:
@@ -170,8 +228,8 @@ def _framed(values: Sequence[bytes], wrapped: bytes | None = None) -> list[bool]
     return [_framed([value])[0] for value in values]
 
 
-def read_many(values: Sequence[bytes]) -> list[WireSpans | None]:
-    """`read_spans` for a batch of records: one framing check, one view parse, one numpy pass in all."""
+def read_many_python(values: Sequence[bytes]) -> list[WireSpans | None]:
+    """`read_many` in Python: one framing check, one view parse, one numpy pass for the whole batch."""
     wrapped = _wrap(values)
     todo = [i for i, sound in enumerate(_framed(values, wrapped)) if sound]
     found: list[WireSpans | None] = [None] * len(values)

@@ -26,7 +26,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from kotel.otlp import OtlpDecodeError, Signal, count_items, decode_protobuf
-from kotel.otlp.spanwire import WireSpans, read_many
+from kotel.otlp.spanwire import ScannedSpans, WireSpans, read_many
 from streams.stages.dedup_hash import span_digests
 
 IDENTITY_SIZE = 16
@@ -307,7 +307,7 @@ class Record:
     value: bytes
     items: Items
     request: Message | None
-    wire: WireSpans | None = None
+    wire: WireSpans | ScannedSpans | None = None
 
     def output(self, signal: Signal, keep: Sequence[bool]) -> bytes | None:
         """The bytes holding exactly the kept items, time-sorted per group; the input itself when every
@@ -325,14 +325,8 @@ class Record:
         return kept.SerializeToString() if kept is not None else None
 
 
-def _wire_items(spans: WireSpans, ids: list[bytes]) -> Items:
-    items = Items(ids)
-    starts, pos = spans.starts, 0
-    for group, found in enumerate(spans.groups):
-        if not _is_sorted(starts[pos:pos + len(found)]):
-            items.unordered.add(group)
-        pos += len(found)
-    return items
+def _wire_items(spans: WireSpans | ScannedSpans, ids: list[bytes]) -> Items:
+    return Items(ids, spans.unordered_groups())
 
 
 def identify_records(signal: Signal, values: Sequence[bytes]) -> list[Record | OtlpDecodeError]:

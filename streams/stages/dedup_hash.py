@@ -6,7 +6,8 @@ could as well re-send the span itself, which dedup drops by design), only a negl
 different spans collide. So: two 64-bit lanes, each a chain of xor-shift-multiply finalizers (MurmurHash3's
 and SplitMix64's) over the four little-endian words of the identity material, vectorised with numpy over
 every span of a batch; a plain-Python path gives the same bits for a few spans, where numpy's fixed cost
-per operation would dominate.
+per operation would dominate. The C extension of kotel.otlp (when built) computes the same bits again,
+~5x cheaper than numpy at 1000 spans.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import struct
 
 import numpy as np
 
-from kotel.otlp.spanwire import MATERIAL_SIZE
+from kotel.otlp.spanwire import MATERIAL_SIZE, native_digests
 
 DIGEST_SIZE = 16
 _NUMPY_FROM = 12  # spans from which numpy (~40 us per call) beats the loop (~4 us per span)
@@ -56,6 +57,13 @@ def _one(material: bytes, at: int) -> bytes:
 def span_digests(material: bytes) -> list[bytes]:
     """One 16-byte identity per MATERIAL_SIZE-byte row (trace id 16, span id 8, start time 8 LE, then the
     id lengths, which must be 16 and 8: other lengths need a hash that sees them)."""
+    if native_digests is not None:
+        return native_digests(material)  # type: ignore[no-any-return]
+    return digests_python(material)
+
+
+def digests_python(material: bytes) -> list[bytes]:
+    """`span_digests` without the C extension (and the reference its tests hold it to)."""
     count = len(material) // MATERIAL_SIZE
     if count < _NUMPY_FROM:
         return [_one(material, i) for i in range(0, count * MATERIAL_SIZE, MATERIAL_SIZE)]
