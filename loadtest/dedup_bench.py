@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python -m loadtest.dedup_bench [--bootstrap 127.0.0.1:9092] [--spans 600000]
      [--batch 1000] [--instances 16] [--small] [--rate 50000] [--window 300] [--memory-deadline 900]
-     [--skip-throughput] [--skip-memory]
+     [--skip-throughput] [--skip-memory] [--pure]
 Needs a running broker (`kotel kafka start`). Each phase uses fresh topics and a fresh worker started as
 `kotel worker dedup` (a child process), fed with realistic spans (samples.traces: HTTP/DB attributes,
 2 scopes, start times out of order, 16 service instances = 16 keys, 5 % of the records re-sent as they
@@ -16,6 +16,8 @@ were, as a retrying client would).
    times spread over the window, then drained; the worker's RSS, the identities held and the store's
    disk use are sampled every 10 s (the target is 15M identities within 512 MiB RSS). Bounded by
    --memory-deadline. Each phase deletes its topics at the end.
+``--pure`` (no broker): the stage's per-span work in process, identify and rebuild a record with one span
+dropped, with the C reader and with the Python one (CPU time per span, best of 7).
 A script, not a test: nothing is asserted.
 """
 
@@ -202,6 +204,31 @@ def memory(args: argparse.Namespace, work: Path) -> None:
         drop_topics(args.bootstrap, prefix_of(topology))
 
 
+def pure() -> None:
+    from kotel.otlp import Signal, spanwire
+    from streams.stages import dedup_core, dedup_hash
+
+    values = [samples.traces(1000, services=1, seed=s).SerializeToString() for s in range(80)]
+
+    def once() -> float:
+        began = time.process_time()
+        for record in dedup_core.identify_records(Signal.TRACES, values):
+            assert isinstance(record, dedup_core.Record)
+            keep = [True] * len(record.items.ids)
+            keep[3] = False
+            record.output(Signal.TRACES, keep)
+        return (time.process_time() - began) / (80 * 1000) * 1e6
+
+    native = spanwire._spanscan, dedup_hash.native_digests
+    if native[0] is not None:
+        print(f"pure path, C: {min(once() for _ in range(7)):.2f} us per span")
+    spanwire._spanscan, dedup_hash.native_digests = None, None
+    try:
+        print(f"pure path, Python: {min(once() for _ in range(7)):.2f} us per span")
+    finally:
+        spanwire._spanscan, dedup_hash.native_digests = native
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -217,7 +244,11 @@ def main() -> None:
     parser.add_argument("--memory-deadline", type=float, default=900, help="the memory phase stops after, s")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--pure", action="store_true", help="only the in-process per-span cost, no broker")
     args = parser.parse_args()
+    if args.pure:
+        pure()
+        return
     if args.small:
         args.batch, args.instances = 10, 48
         args.spans = 300_000 if "--spans" not in sys.argv else args.spans

@@ -80,6 +80,19 @@ static int read_field(const uint8_t **pp, const uint8_t *end, uint64_t *number, 
     return 1;
 }
 
+/* The next field of a message: 1 with its payload in [*b, *e) when it is field ``want`` and
+ * length-delimited, 0 for another field (skipped), -1 for broken framing or ``want`` of another type. */
+static int next_child(const uint8_t **pp, const uint8_t *end, uint64_t want, const uint8_t **b,
+                      const uint8_t **e) {
+    uint64_t number;
+    int wire;
+    if (!read_field(pp, end, &number, &wire, b, e))
+        return -1;
+    if (number != want)
+        return 0;
+    return wire == 2 ? 1 : -1;
+}
+
 /* Framing of every field of a message (no nesting): tags, varints and lengths within bounds. */
 static int framed(const uint8_t *p, const uint8_t *end) {
     uint64_t number;
@@ -149,33 +162,28 @@ static PyObject *scan(PyObject *self, PyObject *arg) {
         goto done;
     uint8_t *out = (uint8_t *)PyBytes_AS_STRING(material);
     Py_ssize_t spans = 0, groups = 0;
-    uint64_t number;
-    int wire;
     const uint8_t *rb, *re, *sb, *se, *b, *e;
     while (p < end) { /* fields of the ExportTraceServiceRequest; 1: a ResourceSpans */
-        if (!read_field(&p, end, &number, &wire, &rb, &re))
+        int resource = next_child(&p, end, 1, &rb, &re);
+        if (resource < 0)
             goto refuse;
-        if (number != 1)
-            continue;
-        if (wire != 2)
-            goto refuse;
-        while (rb < re) { /* fields of a ResourceSpans; 2: a ScopeSpans */
-            if (!read_field(&rb, re, &number, &wire, &sb, &se))
+        while (resource && rb < re) { /* fields of a ResourceSpans; 2: a ScopeSpans */
+            int scope = next_child(&rb, re, 2, &sb, &se);
+            if (scope < 0)
                 goto refuse;
-            if (number != 2)
+            if (!scope)
                 continue;
-            if (wire != 2)
-                goto refuse;
             int sorted = 1;
             uint64_t last = 0;
             Py_ssize_t in_group = 0;
             while (sb < se) { /* fields of a ScopeSpans; 2: a Span */
-                if (!read_field(&sb, se, &number, &wire, &b, &e))
+                int span = next_child(&sb, se, 2, &b, &e);
+                if (span < 0)
                     goto refuse;
-                if (number != 2)
+                if (!span)
                     continue;
                 uint64_t start;
-                if (wire != 2 || !span_fields(b, e - b, &start, out + spans * MATERIAL) || !framed(b, e))
+                if (!span_fields(b, e - b, &start, out + spans * MATERIAL) || !framed(b, e))
                     goto refuse;
                 if (in_group++ && start < last)
                     sorted = 0;
