@@ -18,7 +18,7 @@ otherwise dominate small records.
 
 Native twin. When the C extension `kotel.otlp._spanscan` is built (setup.py; it needs a C compiler),
 `read_many` walks each record once in C and answers `ScannedSpans`, which rebuild in C too: the same
-layout rules and refusals, a quarter of the cost (loadtest/results/stages.md). `read_many_python` is the
+layout rules and refusals, about a sixth of the cost (loadtest/results/stages.md). `read_many_python` is the
 reference the tests hold it to.
 """
 
