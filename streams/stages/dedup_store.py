@@ -52,8 +52,8 @@ _TS = struct.Struct(">q")
 _BLOCK_CACHE_BYTES = 40 * 1024 * 1024  # per table; memtables are charged to it as well
 # All memtables of a table together: past this, the largest is flushed. Small memtables flush cheaper (the
 # hashed memtable is re-sorted at flush, ~2x dearer per key at 16 MiB than at 4), and with 64 / 48 MiB
-# the worker passed 512 MiB RSS holding a 15M window (516 and 523 MiB; 484 and 494 with 40 / 24 MiB, at
-# the same throughput, stages.md round 7).
+# the worker passed 512 MiB RSS holding a 15M window (516 and 523 MiB; 484 and 494 with 40 / 24 MiB, the
+# same throughput over 3M spans but ~10 % less over 9M, where compaction grows: stages.md round 7).
 _MEMTABLE_BYTES = 24 * 1024 * 1024
 BLOOM_BUDGET = 64 * 1024 * 1024  # bytes of Bloom filter bits per store (15M identities take ~40 MiB)
 
