@@ -30,6 +30,7 @@ from kotel.kafka.admin import create_topics
 from kotel.otlp import count_items, samples
 from kotel.otlp.attributes import kv
 from kotel.topology import Topology, parse_topology
+from loadtest.bench_support import drop_topics
 
 TOPOLOGY = """
 kafka: {{bootstrap_servers: "{bootstrap}"}}
@@ -156,11 +157,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, float]:
                 worker.wait(10)
         log.close()
         consumer.close()
-        prefix = topology.topics.prefix
-        names = [t for t in admin.list_topics(timeout=10).topics  # ours and Faust's own (leader topic)
-                 if t.startswith((f"{prefix}.", f"kotel-{prefix}-route"))]
-        for future in admin.delete_topics(names, operation_timeout=30).values():
-            future.exception(30)
+        drop_topics(args.bootstrap, topology.topics.prefix)  # ours and Faust's own (leader topic)
 
 
 def main() -> None:

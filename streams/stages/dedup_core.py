@@ -15,8 +15,6 @@ messages.
 from __future__ import annotations
 
 import hashlib
-import itertools
-import operator
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from kotel.otlp import OtlpDecodeError, Signal, count_items, decode_protobuf
-from kotel.otlp.spanwire import ScannedSpans, WireSpans, read_many
+from kotel.otlp.spanwire import ScannedSpans, WireSpans, is_sorted, read_many
 from streams.stages.dedup_hash import span_digests
 
 IDENTITY_SIZE = 16
@@ -96,10 +94,6 @@ def _log_time(record: Any) -> int:
     return record.time_unix_nano or record.observed_time_unix_nano  # type: ignore[no-any-return]
 
 
-def _is_sorted(times: Sequence[int]) -> bool:
-    return all(map(operator.le, times, itertools.islice(times, 1, None)))
-
-
 def _all_len(values: Sequence[bytes], size: int) -> bool:
     return set(map(len, values)) <= {size}
 
@@ -129,7 +123,7 @@ def _identify_spans(request: Any, items: Items) -> None:
             else:
                 material = _span_material
                 extend(span_digests(b"".join([material(t, s, st, 16, 8) for t, s, st in fields])))
-            if not _is_sorted(starts):
+            if not is_sorted(starts):
                 items.unordered.add(group)
             group += 1
 
@@ -147,7 +141,7 @@ def _identify_logs(request: Any, items: Items) -> None:
                     rec.severity_text.encode(), _canon_value(rec.body), _canon_attributes(rec.attributes),
                     rec.trace_id, rec.span_id,
                 ])))
-            if not _is_sorted(list(map(_log_time, records))):
+            if not is_sorted(list(map(_log_time, records))):
                 items.unordered.add(group)
             group += 1
 
@@ -167,7 +161,7 @@ def _identify_metrics(request: Any, items: Items) -> None:
                 for point in points:
                     add(_digest(named + _point_times(point.start_time_unix_nano, point.time_unix_nano)
                                 + _canon_attributes(point.attributes)))
-                if not _is_sorted(list(map(_point_time, points))):
+                if not is_sorted(list(map(_point_time, points))):
                     items.unordered.add(group)
                 group += 1
 
