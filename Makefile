@@ -7,7 +7,7 @@ TOPOLOGY ?= topologies/dev.yaml
 
 .PHONY: install up down status test servers lint clean
 
-$(VENV)/.installed: pyproject.toml setup.py kotel/otlp/_spanscan.c
+$(VENV)/.installed: pyproject.toml setup.py kotel/otlp/_spanscan.c kotel/otlp/_wire.h streams/stages/_tailwire.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

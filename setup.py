@@ -1,10 +1,16 @@
-"""The one native part: kotel/otlp/_spanscan.c (metadata lives in pyproject.toml).
+"""The native parts (metadata lives in pyproject.toml): the dedup stage's span reader
+kotel/otlp/_spanscan.c and the tail stage's trace splitter streams/stages/_tailwire.c.
 
-Optional: without a C compiler the install goes on and kotel.otlp.spanwire reads spans in Python/numpy
-(slower); tests/unit/test_spanscan.py fails then, so CI notices.
+Optional: without a C compiler the install goes on and both stages take their Python paths (slower);
+tests/unit/test_spanscan.py and test_tailwire.py fail then, so CI notices.
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("kotel.otlp._spanscan", ["kotel/otlp/_spanscan.c"], optional=True,
-                             extra_compile_args=["-O2"])])
+WIRE = "kotel/otlp/_wire.h"
+setup(ext_modules=[
+    Extension("kotel.otlp._spanscan", ["kotel/otlp/_spanscan.c"], depends=[WIRE], optional=True,
+              extra_compile_args=["-O2"]),
+    Extension("streams.stages._tailwire", ["streams/stages/_tailwire.c"], depends=[WIRE],
+              include_dirs=["kotel/otlp"], optional=True, extra_compile_args=["-O2"]),
+])

@@ -14,6 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_wire.h"
+
 #define MATERIAL 34 /* trace id 16, span id 8, start time 8 (little endian), then the id lengths 16, 8 */
 #define START_TAG 0x39 /* field 7, fixed64 */
 #define HEAD 28        /* 0a 10 <trace id> 12 08 <span id> */
@@ -25,98 +27,6 @@ typedef struct {
     uint64_t start;     /* start time */
     Py_ssize_t index;   /* position in its scope, for a stable sort */
 } SpanRef;
-
-static int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
-    const uint8_t *p = *pp;
-    uint64_t value = 0;
-    for (int shift = 0; shift < 64 && p < end; shift += 7) {
-        uint8_t b = *p++;
-        value |= (uint64_t)(b & 0x7F) << shift;
-        if (!(b & 0x80)) {
-            *pp = p;
-            *out = value;
-            return 1;
-        }
-    }
-    return 0;
-}
-
-/* One field at *pp: its number, wire type and payload [*body, *body_end); *pp moves past it. */
-static int read_field(const uint8_t **pp, const uint8_t *end, uint64_t *number, int *wire,
-                      const uint8_t **body, const uint8_t **body_end) {
-    uint64_t tag, n;
-    const uint8_t *p = *pp;
-    if (!read_varint(&p, end, &tag) || (tag >> 3) == 0 || (tag >> 3) > 0x1FFFFFFF)
-        return 0;
-    *number = tag >> 3;
-    *wire = (int)(tag & 7);
-    *body = p;
-    switch (*wire) {
-    case 0:
-        if (!read_varint(&p, end, &n))
-            return 0;
-        break;
-    case 1:
-        if (end - p < 8)
-            return 0;
-        p += 8;
-        break;
-    case 5:
-        if (end - p < 4)
-            return 0;
-        p += 4;
-        break;
-    case 2:
-        if (!read_varint(&p, end, &n) || n > (uint64_t)(end - p))
-            return 0;
-        *body = p;
-        p += n;
-        break;
-    default:
-        return 0;
-    }
-    *body_end = p;
-    *pp = p;
-    return 1;
-}
-
-/* The next field of a message: 1 with its payload in [*b, *e) when it is field ``want`` and
- * length-delimited, 0 for another field (skipped), -1 for broken framing or ``want`` of another type. */
-static int next_child(const uint8_t **pp, const uint8_t *end, uint64_t want, const uint8_t **b,
-                      const uint8_t **e) {
-    uint64_t number;
-    int wire;
-    if (!read_field(pp, end, &number, &wire, b, e))
-        return -1;
-    if (number != want)
-        return 0;
-    return wire == 2 ? 1 : -1;
-}
-
-/* Framing of every field of a message (no nesting): tags, varints and lengths within bounds. */
-static int framed(const uint8_t *p, const uint8_t *end) {
-    uint64_t number;
-    int wire;
-    const uint8_t *body, *body_end;
-    while (p < end)
-        if (!read_field(&p, end, &number, &wire, &body, &body_end))
-            return 0;
-    return 1;
-}
-
-static uint64_t le64(const uint8_t *p) {
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return v;
-}
-
-static int all_zero(const uint8_t *p, int n) {
-    for (int i = 0; i < n; i++)
-        if (p[i])
-            return 0;
-    return 1;
-}
 
 /* A span in the usual layout: its start time (and material when ``material`` is given); else 0. */
 static int span_fields(const uint8_t *s, Py_ssize_t n, uint64_t *start, uint8_t *material) {
@@ -212,15 +122,6 @@ done:
     Py_XDECREF(unordered);
     PyBuffer_Release(&view);
     return result;
-}
-
-static uint8_t *write_varint(uint8_t *o, uint64_t n) {
-    while (n >= 0x80) {
-        *o++ = (uint8_t)(n | 0x80);
-        n >>= 7;
-    }
-    *o++ = (uint8_t)n;
-    return o;
 }
 
 static int by_start(const void *a, const void *b) {

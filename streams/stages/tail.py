@@ -72,6 +72,10 @@ log = logging.getLogger("kotel.tail")
 TICK = 0.1  # seconds between decision rounds
 SLICE_SECONDS = 0.02  # synchronous decision work between two yields to the event loop
 MAX_IN_FLIGHT = 256
+# Record bytes held per agent until acked. Each is held again downstream (a regrouped bundle in the
+# producer, then in the changelog record), so the default 64 MiB per agent let a backlog peak past
+# 512 MiB RSS once regrouping got fast (loadtest/results/tail.md); 1 s of input at 50k spans/s fits.
+MAX_IN_FLIGHT_BYTES = 16 * 1024 * 1024
 MAX_SLICES_IN_FLIGHT = 4  # decided slices per partition waiting for their outputs
 CLOCK_LOG_MS = 1000  # the decision clock is logged (W record) this much behind, so jitter needs no record
 REGROUPER_EXPIRY_MS = 15_000  # at least: a regrouper unheard this long (a crash) stops holding decisions back
@@ -146,7 +150,7 @@ class TailStage:
 
     async def _regroup_agent(self, stream: StreamT) -> None:
         manual = stream.noack()
-        acks = OrderedAcks(manual, None, MAX_IN_FLIGHT)
+        acks = OrderedAcks(manual, None, MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES)
         guard = self.guards[self.source]
         guard.hold_while("regroup", lambda: len(acks) > 0)
         async for event in manual.events():
@@ -163,7 +167,7 @@ class TailStage:
         headers = list(msg.headers or ())
         try:
             request = decode_protobuf(Signal.TRACES, msg.value or b"")
-            parts, spans = regroup(request, self.partitions)
+            parts, spans = regroup(request, self.partitions, msg.value)
         except OtlpDecodeError as exc:
             reason = str(exc)
             if "trace id" in reason:  # name the offending span as every stage does
@@ -186,7 +190,7 @@ class TailStage:
 
     async def _buffer_agent(self, stream: StreamT) -> None:
         manual = stream.noack()
-        acks = OrderedAcks(manual, None, MAX_IN_FLIGHT)
+        acks = OrderedAcks(manual, None, MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES)
         guard = self.guards[self.regrouped]
         guard.hold_while("buffer", lambda: len(acks) > 0)
         async for event in manual.events():

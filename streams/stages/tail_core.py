@@ -28,6 +28,11 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans
 from kotel.otlp import OtlpDecodeError, frame, join
 from kotel.otlp.sizing import encode_varint, read_varint
 
+try:  # the C twin of regroup and summarize (setup.py); without a compiler the Python code below runs
+    from streams.stages import _tailwire
+except ImportError:  # pragma: no cover - exercised only where no compiler was found
+    _tailwire = None
+
 TRACE_ID_SIZE, SPAN_ID_SIZE = 16, 8
 _ZERO_TRACE = bytes(TRACE_ID_SIZE)
 SCHEMA = b"otlp-proto-v1"  # the agent's kotel.schema value: records of this stage are plain OTLP too
@@ -109,13 +114,25 @@ Bundles = dict[int, tuple[bytes, bytes]]
 INDEX_HEADER = "kotel.tail.index"
 
 
-def regroup(request: ExportTraceServiceRequest, partitions: int) -> tuple[Bundles, int]:
+def regroup(request: ExportTraceServiceRequest, partitions: int, value: bytes | None = None
+            ) -> tuple[Bundles, int]:
     """Destination partition -> (bundle, index): one request holding every span of ``request`` bound
     there, each resource entry holding the spans of one trace; and the number of spans.
 
     The index (trace id, spans, root, length per entry) lets the buffering side slice the bundle
     without parsing it. Raises OtlpDecodeError for a span without a valid trace id (it has no partition).
+    With ``value`` (the request's bytes) the C splitter does the work when built: the same answer, bytes
+    copied instead of re-encoded (it answers None off the usual layout, and the code below runs).
     """
+    if value is not None and _tailwire is not None:
+        found = _tailwire.split(value, partitions)
+        if found is not None:
+            return found  # type: ignore[no-any-return]
+    return regroup_python(request, partitions)
+
+
+def regroup_python(request: ExportTraceServiceRequest, partitions: int) -> tuple[Bundles, int]:
+    """`regroup` in Python, the reference the C splitter is held to."""
     out: dict[int, _Bundle] = {}
     total = 0
     for rs in request.resource_spans:
@@ -192,6 +209,40 @@ def _parse_fragments(bundle: bytes) -> list[Fragment]:
         counts[0] += len(spans)
         counts[1] |= b"" in map(_parent, spans)
     return [Fragment(tid, join(parts), n, bool(root)) for tid, (parts, (n, root)) in found.items()]
+
+
+class TraceSummary(NamedTuple):
+    """What the common policies need of a trace, read off its wire form in one pass (`summarize`)."""
+
+    spans: int
+    first_start: int  # earliest non-zero start_time_unix_nano, 0 when none
+    last_end: int  # latest end_time_unix_nano
+    status_codes: int  # bit c set when some span's status code is c (0-63)
+    span_ids: bytes  # 8 bytes per span, in order
+
+
+def summarize(framed: bytes) -> TraceSummary | None:
+    """A trace's summary read in C; None when the extension is not built or the bytes are off its
+    layout (the caller then decodes them)."""
+    if _tailwire is None:
+        return None
+    found = _tailwire.summary(framed)
+    return TraceSummary(*found) if found is not None else None
+
+
+def summary_of(resources: Iterable[ResourceSpans]) -> TraceSummary:
+    """The same summary from decoded resources: the reference `summarize` is held to."""
+    first = last = codes = 0
+    ids = []
+    for rs in resources:
+        for ss in rs.scope_spans:
+            for span in ss.spans:
+                start, end, code = span.start_time_unix_nano, span.end_time_unix_nano, span.status.code
+                first = start if start and (not first or start < first) else first
+                last = max(last, end)
+                codes |= 1 << code if 0 <= code < 64 else 0
+                ids.append(span.span_id)
+    return TraceSummary(len(ids), first, last, codes, b"".join(ids))
 
 
 def decode_trace(framed: bytes) -> ExportTraceServiceRequest:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -55,7 +54,7 @@ class Limits(NamedTuple):
 
 
 class Sampler(Protocol):
-    def decide(self, trace_id: bytes, trace: Sequence[Any]) -> Any: ...  # -> (sampled, policy)
+    def decide(self, trace_id: bytes, trace: Any) -> Any: ...  # a TraceData -> (sampled, policy)
 
 
 @dataclass(slots=True)
@@ -109,6 +108,7 @@ class Plan:
 
     meta: Meta
     writes: dict[bytes, bytes | None] = field(default_factory=dict)
+    reads: dict[bytes, bytes | None] = field(default_factory=dict)  # what the plan read, unchanged since
     outputs: list[Output] = field(default_factory=list)
     late: list[Late] = field(default_factory=list)
     truncated: Counter[str] = field(default_factory=Counter)  # spans cut off, by limit

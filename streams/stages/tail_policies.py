@@ -193,8 +193,8 @@ class TailSampler:
         """Failed evaluations per policy name since start (a failed policy is left out of the decision)."""
         return self._errors
 
-    def decide(self, trace_id: bytes, trace: Sequence[ResourceSpans]) -> TraceDecision:
-        data = TraceData(trace_id, trace)
+    def decide(self, trace_id: bytes, trace: Sequence[ResourceSpans] | TraceData) -> TraceDecision:
+        data = trace if isinstance(trace, TraceData) else TraceData(trace_id, trace)
         for name, evaluator in self._drops:
             try:
                 if evaluator.evaluate(data) is DROPPED:

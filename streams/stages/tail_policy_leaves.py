@@ -16,10 +16,12 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Status
 
 from kotel.ottl import Condition, compile_condition, compile_conditions
+from streams.stages.tail_core import TraceSummary, summary_of
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
@@ -46,20 +48,37 @@ class PolicyError(Exception):
 
 
 class TraceData:
-    """One trace as the evaluators see it; its span count is computed once, when a policy first asks."""
+    """One trace as the evaluators see it: decoded resources, or its wire form and summary.
 
-    __slots__ = ("_spans", "resources", "trace_id")
+    From the wire form the resources are decoded only when a policy first asks for them (attribute and
+    OTTL policies); latency, status code, span count and probabilistic answer from the summary, which
+    is computed from the resources when not given.
+    """
 
-    def __init__(self, trace_id: bytes, resources: Sequence[ResourceSpans]) -> None:
+    __slots__ = ("_resources", "_summary", "_wire", "trace_id")
+
+    def __init__(self, trace_id: bytes, resources: Sequence[ResourceSpans] | None = None, *,
+                 wire: bytes = b"", summary: TraceSummary | None = None) -> None:
         self.trace_id = trace_id
-        self.resources = resources
-        self._spans = -1
+        self._resources = resources
+        self._wire = wire
+        self._summary = summary
+
+    @property
+    def resources(self) -> Sequence[ResourceSpans]:
+        if self._resources is None:
+            self._resources = ExportTraceServiceRequest.FromString(self._wire).resource_spans
+        return self._resources
+
+    @property
+    def summary(self) -> TraceSummary:
+        if self._summary is None:
+            self._summary = summary_of(self.resources)
+        return self._summary
 
     @property
     def span_count(self) -> int:
-        if self._spans < 0:
-            self._spans = sum(len(ss.spans) for rs in self.resources for ss in rs.scope_spans)
-        return self._spans
+        return self.summary.spans
 
 
 class Evaluator:
@@ -83,34 +102,21 @@ class AlwaysSample(Evaluator):
 class Latency(Evaluator):
     """Duration = latest end - earliest start over all spans, in whole milliseconds (Go's truncation).
 
-    Only ``threshold_ms``: sampled when the duration is at least the threshold, so the scan stops as soon
-    as the spans seen so far span that long. With ``upper_threshold_ms``: ``threshold < d <= upper``, over
-    the whole trace. A zero timestamp is unset; a trace without both ends lasts 0 ms.
+    Only ``threshold_ms``: sampled when the duration is at least the threshold. With
+    ``upper_threshold_ms``: ``threshold < d <= upper``. A zero start is unset; a trace without both ends
+    lasts 0 ms.
     """
 
-    __slots__ = ("_lower_ms", "_lower_ns", "_upper_ms")
+    __slots__ = ("_lower_ms", "_upper_ms")
 
     def __init__(self, threshold_ms: int, upper_threshold_ms: int) -> None:
         self._lower_ms, self._upper_ms = threshold_ms, upper_threshold_ms
-        self._lower_ns = threshold_ms * 1_000_000
 
     def evaluate(self, trace: TraceData) -> Decision:
-        first = last = 0
-        seen = False
-        early = self._lower_ns if not self._upper_ms else -1
-        for rs in trace.resources:
-            for ss in rs.scope_spans:
-                for span in ss.spans:
-                    seen = True
-                    start, end = span.start_time_unix_nano, span.end_time_unix_nano
-                    if start and (not first or start < first):
-                        first = start
-                    if end > last:
-                        last = end
-                    if early >= 0 and first and last - first >= early:
-                        return SAMPLED
-        if not seen:
+        summary = trace.summary
+        if not summary.spans:
             return NOT_SAMPLED
+        first, last = summary.first_start, summary.last_end
         nanos = last - first if first and last else 0
         millis = nanos // 1_000_000 if nanos >= 0 else -(-nanos // 1_000_000)
         if not self._upper_ms:
@@ -119,19 +125,13 @@ class Latency(Evaluator):
 
 
 class StatusCode(Evaluator):
-    __slots__ = ("_codes",)
+    __slots__ = ("_bits",)
 
     def __init__(self, status_codes: Sequence[str]) -> None:
-        self._codes = frozenset(_STATUS_CODES[c] for c in status_codes)
+        self._bits = sum(1 << _STATUS_CODES[c] for c in frozenset(status_codes))
 
     def evaluate(self, trace: TraceData) -> Decision:
-        codes = self._codes
-        for rs in trace.resources:
-            for ss in rs.scope_spans:
-                for span in ss.spans:
-                    if span.status.code in codes:
-                        return SAMPLED
-        return NOT_SAMPLED
+        return SAMPLED if trace.summary.status_codes & self._bits else NOT_SAMPLED
 
 
 # --- probabilistic: the Collector's FNV-1a hash of salt + trace id against a 64-bit threshold ---------

@@ -14,6 +14,7 @@ from dataclasses import replace
 from rocksdict import Rdict, ReadOptions, WriteBatch
 
 from streams.stages.tail_core import (
+    SPAN_ID_SIZE,
     BundleRecord,
     ClockRecord,
     Cover,
@@ -25,6 +26,7 @@ from streams.stages.tail_core import (
     fragments,
     join_fragments,
     span_ids,
+    summarize,
 )
 from streams.stages.tail_layout import (
     META,
@@ -47,8 +49,22 @@ from streams.stages.tail_layout import (
     index_key,
     trace_key,
 )
+from streams.stages.tail_policy_leaves import TraceData
 
 __all__ = ["Late", "Limits", "Output", "Plan", "TraceState"]
+
+
+def _read_trace(tid: bytes, wire: bytes) -> tuple[TraceData, list[bytes] | None]:
+    """A buffered trace for the policies: summarized in C, or decoded (then with its span ids)."""
+    summary = summarize(wire)
+    if summary is not None:
+        return TraceData(tid, wire=wire, summary=summary), None
+    request = decode_trace(wire)
+    return TraceData(tid, request.resource_spans), span_ids(request)
+
+
+def _ids(packed: bytes) -> list[bytes]:
+    return [packed[i:i + SPAN_ID_SIZE] for i in range(0, len(packed), SPAN_ID_SIZE)]
 
 
 class TraceState:
@@ -70,6 +86,8 @@ class TraceState:
     def _get(self, plan: Plan, key: bytes) -> bytes | None:
         if key in plan.writes:
             return plan.writes[key]
+        if key in plan.reads:
+            return plan.reads[key]
         return self.db.get(key)  # type: ignore[no-any-return]
 
     def _many(self, plan: Plan | None, keys: list[bytes]) -> list[bytes | None]:
@@ -184,8 +202,10 @@ class TraceState:
     def decide(self, tids: Sequence[bytes], sampler: Sampler) -> Plan:
         """Plan the decisions of pending traces: outputs of the sampled ones and the verdicts."""
         plan = Plan(replace(self.meta))
-        traces = self._many(None, [trace_key(t) for t in tids])
-        decisions = self._many(None, [b"c" + t for t in tids])
+        trace_keys, decision_keys = [trace_key(t) for t in tids], [b"c" + t for t in tids]
+        traces, decisions = self._many(None, trace_keys), self._many(None, decision_keys)
+        plan.reads.update(zip(trace_keys, traces, strict=True))  # settle reads them again
+        plan.reads.update(zip(decision_keys, decisions, strict=True))
         found = [(t, Trace(*TRACE.unpack(raw)), d) for t, raw, d in zip(tids, traces, decisions, strict=True)
                  if raw is not None]
         keys = [frag_key(t, n) for t, trace, _ in found for n in range(trace.frags)]
@@ -197,19 +217,19 @@ class TraceState:
                 if raw is not None:
                     tenant, framed = decode_fragment(raw)
                     groups.setdefault(tenant, []).append(framed)
-            request = decode_trace(join_fragments(f for parts in groups.values() for f in parts))
-            ids = span_ids(request)
+            data, ids = _read_trace(tid, join_fragments(f for parts in groups.values() for f in parts))
             before = decode_decision(raw_decision) if raw_decision else None
             if before is not None and before.sampled:
                 sampled, policy = True, before.policy  # outputs found after a takeover: it was sampled
             else:
-                sampled, policy = sampler.decide(tid, request.resource_spans)
+                sampled, policy = sampler.decide(tid, data)
             emitted: tuple[bytes, ...] = ()
             if sampled:
-                emitted = self._emit(plan, tid, groups, ids, before.emitted if before else ())
+                emitted = self._emit(plan, tid, groups, ids or _ids(data.summary.span_ids),
+                                     before.emitted if before else ())
             plan.verdicts.append(Verdict(tid, bool(sampled), str(policy), emitted, trace.frags))
             plan.decided[bool(sampled), str(policy)] += 1
-            plan.decided_spans[bool(sampled), str(policy)] += len(ids)
+            plan.decided_spans[bool(sampled), str(policy)] += data.span_count
         return plan
 
     def _emit(self, plan: Plan, tid: bytes, groups: dict[str, list[bytes]], ids: list[bytes],

@@ -6,8 +6,15 @@ persisted offset in the same batch, so a record is never applied twice by a repl
 its live state before the record is acknowledged, so after a crash its own disk may be ahead of the
 log; the partition is then marked dirty and wiped on its next assignment (rebuilt from the changelog),
 as Kafka Streams does after an unclean shutdown. A clean stop or revoke, with every record of the
-partition acknowledged, clears the mark. Outputs that reached the sampled topic but not the log are read
-back (`read_outputs`) before a new owner works on the partition.
+partition acknowledged, clears the mark and flushes. Outputs that reached the sampled topic but not the
+log are read back (`read_outputs`) before a new owner works on the partition.
+
+No write-ahead log: the changelog is the durable copy. After a crash RocksDB comes back with what its
+memtables had flushed, a prefix of the writes: either from before the partition went live (consistent
+with the persisted offset written in the same batches) or holding the dirty mark (written first, so
+wiped and rebuilt). Values are stored uncompressed: a fragment is read once, a decision wait after it
+was written, and compressing it at flush and decompressing it at that read cost ~30 % of the store's
+CPU (loadtest/results/tail.md), for disk the machine has.
 """
 
 from __future__ import annotations
@@ -23,7 +30,15 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from faust.stores.rocksdb import Store as RocksStore
 from faust.types import TP
-from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBufferManager
+from rocksdict import (
+    BlockBasedOptions,
+    Cache,
+    DBCompressionType,
+    Options,
+    Rdict,
+    WriteBufferManager,
+    WriteOptions,
+)
 
 from kotel.otlp import Signal, decode_protobuf
 from streams.app import aiokafka_options
@@ -39,6 +54,8 @@ _DIRTY = b"\x00tail-dirty"
 _BLOCK_CACHE_BYTES = 64 * 1024 * 1024  # per table; memtables are charged to it as well
 _MEMTABLE_BYTES = 48 * 1024 * 1024
 _MIN_RETENTION = timedelta(minutes=15)
+_NO_WAL = WriteOptions()
+_NO_WAL.disable_wal = True
 
 
 def changelog_retention(limits: Limits) -> timedelta:
@@ -67,13 +84,16 @@ class TraceStore(RocksStore):
             WriteBufferManager.new_write_buffer_manager_with_cache(_MEMTABLE_BYTES, False, cache))
         options.set_max_background_jobs(2)
         options.set_write_buffer_size(16 * 1024 * 1024)
+        options.set_compression_type(DBCompressionType.none())
         table = BlockBasedOptions()
         table.set_bloom_filter(10, False)
         table.set_block_cache(cache)
         options.set_block_based_table_factory(table)
 
     def _open_for_partition(self, partition: int) -> Rdict:
-        return Rdict(str(self.partition_path(partition)), options=self._db_options)
+        db = Rdict(str(self.partition_path(partition)), options=self._db_options)
+        db.set_write_options(_NO_WAL)
+        return db
 
     def state(self, partition: int) -> TraceState:
         db = self._db_for_partition(partition)
@@ -95,6 +115,7 @@ class TraceStore(RocksStore):
         db = self._dbs.get(partition)
         if db is not None and not self.in_flight.get(partition):
             db.delete(_DIRTY)
+            db.flush()  # no write-ahead log: what is not flushed is not there after a restart
             self._live.discard(partition)
 
     def persisted_offset(self, tp: TP) -> int | None:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span, Status
 from rocksdict import Options, Rdict
 
 from kotel.otlp import OtlpDecodeError
+from streams.stages import tail_core
 from streams.stages.tail_core import (
     NO_COVER,
     ClockRecord,
@@ -26,8 +27,19 @@ from streams.stages.tail_core import (
     span_ids,
     trace_partition,
 )
+from streams.stages.tail_policy_leaves import TraceData
 from streams.stages.tail_state import Limits, TraceState
 from tests.unit.otlp_builders import kvs
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def wire_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test twice: with the C splitter and summary (streams/stages/_tailwire.c), and without."""
+    if request.param == "python":
+        monkeypatch.setattr(tail_core, "_tailwire", None)
+    elif tail_core._tailwire is None:
+        pytest.skip("the C extension is not built (test_tailwire.py fails for that)")
+
 
 LIMITS = Limits(decision_wait_ms=1000, root_wait_ms=0, max_spans=100, max_bytes=1 << 20, num_traces=1000,
                 sampled_cache=100, dropped_cache=100)
@@ -60,7 +72,8 @@ def request(*resources: tuple[str, list[list[Span]]]) -> ExportTraceServiceReque
 
 def bundle_of(*spans: Span, instance: str = "i-1") -> bytes:
     """A bundle as regroup writes it, with every span in one partition."""
-    ((value, index),) = regroup(request((instance, [list(spans)])), 1)[0].values()
+    req = request((instance, [list(spans)]))
+    ((value, index),) = regroup(req, 1, req.SerializeToString())[0].values()
     assert fragments(value, index) == fragments(value)  # the index says what parsing finds
     return value
 
@@ -71,8 +84,8 @@ class ErrorsSampled:
     def __init__(self) -> None:
         self.seen: list[tuple[bytes, int]] = []
 
-    def decide(self, trace_id: bytes, trace: Sequence[ResourceSpans]) -> tuple[bool, str]:
-        spans = [s for rs in trace for ss in rs.scope_spans for s in ss.spans]
+    def decide(self, trace_id: bytes, trace: TraceData) -> tuple[bool, str]:
+        spans = [s for rs in trace.resources for ss in rs.scope_spans for s in ss.spans]
         self.seen.append((trace_id, len(spans)))
         error = any(s.status.code == Status.STATUS_CODE_ERROR for s in spans)
         return (True, "errors") if error else (False, "")
