@@ -9,8 +9,12 @@ each record holds --grouping spans of each of its traces (4: traces of 16 spans)
 has spans on all 4 instances; realistic HTTP attributes, ERROR spans, durations up to 1.5 s; policies as
 topologies/compose.yaml (errors, slow > 1 s, 10 % probabilistic).
 
-1. Throughput (decision_wait 10 s): the input is offered at --rate spans/s for --seconds; spans/s are
-   the worker's counters (spans regrouped; spans decided) over the run, with its CPU and peak RSS.
+1. Throughput (decision_wait 10 s): --spans are offered at --rate spans/s; from the worker's counters:
+   the regroup rate while input lasts, how long after it the last span was decided (the wait, plus any
+   backlog), the end-to-end rate and the sustained rate (spans over the run less the last decision
+   wait), with the worker's CPU and peak RSS; then the changelog's bytes per record kind (the cost of
+   exactly-once outputs without transactions). Offered below capacity, the worker keeps up when
+   pending traces stay flat and the last decisions come about one wait after the input ends.
 2. Memory (decision_wait 10 min): --pending traces are produced and held; RSS is sampled once all
    are pending, then the worker restarts on the same state with num_traces 1000, so it decides them
    all at once, and its own histogram says how long each slice of decisions held the event loop.
@@ -33,6 +37,7 @@ import threading
 import time
 from pathlib import Path
 
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from kotel.otlp import samples
@@ -191,9 +196,46 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
               f"{worker.metric('kotel_tail_spans_decided_total', decision='sampled'):,.0f} spans, late "
               f"{worker.metric('kotel_tail_late_spans_total'):,.0f}; "
               f"peak RSS {peak / 2**20:.0f} MiB; {load()}")
+        worker.stop()
+        changelog_bytes(args.bootstrap, prefix_of(topology), total)
     finally:
         worker.stop()
         drop_topics(args.bootstrap, prefix_of(topology))
+
+
+def changelog_bytes(bootstrap: str, prefix: str, spans: int, deadline: float = 60) -> None:
+    """What the stage's exactly-once bookkeeping writes: its changelog's bytes per record kind.
+
+    B records carry the bundles themselves (the state); D records the verdicts and every emitted span id,
+    which is what lets a new owner neither lose nor repeat an output without Kafka transactions.
+    """
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"tally-{os.getpid()}",
+                         "enable.auto.commit": False, "log_level": 4})
+    try:
+        topics = [t for t in consumer.list_topics(timeout=10).topics
+                  if t.startswith(f"kotel-{prefix}-") and t.endswith("-traces-changelog")]
+        parts = [TopicPartition(t, p, OFFSET_BEGINNING) for t in topics
+                 for p in consumer.list_topics(t, timeout=10).topics[t].partitions]
+        ends = {(tp.topic, tp.partition): consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in parts}
+        consumer.assign(parts)
+        sizes: dict[bytes, list[int]] = {}
+        left, stop = sum(ends.values()), time.monotonic() + deadline
+        while left > 0 and time.monotonic() < stop:
+            for msg in consumer.consume(1000, timeout=1):
+                if msg.error() is None:
+                    kind = (msg.value() or b"?")[:1]
+                    tally = sizes.setdefault(kind, [0, 0])
+                    tally[0] += 1
+                    tally[1] += len(msg.value() or b"") + len(msg.key() or b"")
+                    left -= 1
+        total = sum(b for _, b in sizes.values())
+        print("changelog: " + "; ".join(f"{kind.decode(errors='replace')} {n:,} records, "
+                                        f"{b / 2**20:,.1f} MiB ({b / max(total, 1):.1%}, "
+                                        f"{b / spans:.1f} B per input span)"
+                                        for kind, (n, b) in sorted(sizes.items()))
+              + ("" if left <= 0 else f"; {left:,} records not read in {deadline:.0f} s"))
+    finally:
+        consumer.close()
 
 
 def memory(args: argparse.Namespace, work: Path) -> None:
@@ -282,15 +324,15 @@ def profile(args: argparse.Namespace, work: Path) -> None:
     text = TOPOLOGY.format(bootstrap="127.0.0.1:9", prefix="p", wait="10s", partitions=1, num_traces=10**6)
     config = parse_topology(text).gateway.tail_sampling  # type: ignore[union-attr]
     sampler, rounds = TailSampler(config), Rounds(args.grouping, args.record_spans)
-    db = Rdict(str(work / "profile"), options=Options(raw_mode=True))
-    state = TraceState(db, Limits.of(config, 1))
     count = args.spans // rounds.spans
 
-    def run() -> None:
+    def run(name: str) -> None:
+        db = Rdict(str(work / name), options=Options(raw_mode=True))  # fresh: offsets start again
+        state = TraceState(db, Limits.of(config, 1))
         offset = 0
         for r in range(count):
             for _, value in rounds.next():
-                parts, _ = regroup(decode_protobuf(Signal.TRACES, value), 1)
+                parts, _ = regroup(decode_protobuf(Signal.TRACES, value), 1, value)  # C when built
                 for bundle, index in parts.values():
                     offset += 1
                     state.commit(state.ingest(offset, r * 10, "t", fragments(bundle, index)))
@@ -298,14 +340,17 @@ def profile(args: argparse.Namespace, work: Path) -> None:
             if due:
                 plan = state.decide([t for t, _ in due], sampler)
                 state.commit(state.settle(plan, plan.verdicts, r * 10))
+        db.close()
 
     started = time.perf_counter()
+    run("plain")
+    print(f"in process: {count * rounds.spans / (time.perf_counter() - started):,.0f} spans/s")
+    started = time.perf_counter()
     with cProfile.Profile() as prof:
-        run()
+        run("profiled")
     elapsed = time.perf_counter() - started
     print(f"in process (with cProfile): {count * rounds.spans / elapsed:,.0f} spans/s")
     pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
-    db.close()
 
 
 def main() -> None:
