@@ -107,7 +107,8 @@ def topology_dict(scenario: Scenario, wiring: Wiring, tail_sampling: bool) -> di
                 "http": {"endpoint": f"127.0.0.1:{wiring.http_port}"}}}},
             "processors": processors,
             "exporters": {
-                "kafka": {"backpressure": {"max_in_flight_mib": p.max_in_flight_mib}},
+                "kafka": {"backpressure": {"max_in_flight_mib": p.max_in_flight_mib},
+                          "producer": {"linger": format_duration(p.kafka_linger)}},
                 "file": {"path": str(wiring.home / "agent" / "spill"), "format": "parquet"},
             },
             "service": {"pipelines": {

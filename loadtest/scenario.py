@@ -86,6 +86,9 @@ class Pipeline(_Model):
     target: Literal["grpc", "http", "kafka"] = "grpc"
     partitions: int = Field(3, ge=1, le=64)
     batch_timeout: Duration = timedelta(milliseconds=5)
+    # The agent's Kafka producer linger (exporters.kafka.producer.linger, default 5 ms): a second batch
+    # timeout after the batch processor's.
+    kafka_linger: Duration = timedelta(milliseconds=5)
     send_batch_size: int = Field(1024, ge=1)
     dedup_window: Duration = timedelta(minutes=5)
     tail_sampling: TailSampling | None = None

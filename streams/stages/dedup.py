@@ -1,7 +1,8 @@
 """The dedup stage: ``<prefix>.raw.<signal>`` -> ``<prefix>.deduped.<signal>``, same key, same headers.
 
-Batches. The agent admits records one by one into a buffer (`_Buffer`); a processor takes what arrived
-within 10 ms (at most ``_MAX_BATCH_RECORDS``) and handles it per partition: one identify pass, one
+Batches. The agent admits records one by one into a buffer (`_Buffer`); a processor takes what Faust
+had already fetched for the stream (within 10 ms, at most ``_MAX_BATCH_RECORDS``) and handles it per
+partition: one identify pass, one
 state lookup, one RocksDB write batch and one changelog record per partition per batch, and one entry
 in `OrderedAcks` for the batch's records. Inside a batch identities are deduplicated across records,
 each record's items keep their order, and each record still gives at most one output (its key, headers
@@ -25,6 +26,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import compress
 from typing import Any
@@ -62,12 +64,16 @@ class _Buffer:
     """Admitted records between the agent and the batch processor.
 
     Faust hands the agent about one record per event-loop turn, so what is buffered at any instant is a
-    record or two: the processor takes what arrived within ``_WITHIN_SECONDS`` of the first record, or
-    less once ``_EAGER_BYTES`` are there (large records gain little from waiting, and waiting delays the
-    next fetch). `put` waits while the buffer is full, which holds back Faust's fetcher.
+    record or two: while more records wait in the stream's queue (``queued``: fetched, not yet handed
+    over), the processor waits for them, up to ``_WITHIN_SECONDS`` after the first record or until
+    ``_EAGER_BYTES`` are there (large records gain little from waiting, and waiting delays the next
+    fetch). With nothing queued it takes the batch at once: at a low rate a record is not held back for
+    company that is not coming (it cost every record ~10 ms, loadtest/results/latency). `put` waits
+    while the buffer is full, which holds back Faust's fetcher.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, queued: Callable[[], int] = lambda: 1) -> None:
+        self._queued = queued
         self.events: list[EventT] = []
         self.bytes = 0
         self.first = 0.0
@@ -88,7 +94,7 @@ class _Buffer:
         self.events.append(event)
         self.bytes += len(event.message.value or b"")
         self.arrived.set()
-        if self._worth_it():
+        if self._worth_it() or not self._queued():
             self.ready.set()
 
     async def take(self) -> list[EventT]:
@@ -96,7 +102,7 @@ class _Buffer:
             self.arrived.clear()
             await self.arrived.wait()
         wait = self.first + _WITHIN_SECONDS - time.monotonic()
-        if wait > 0 and not self._worth_it():
+        if wait > 0 and not self._worth_it() and self._queued():
             self.ready.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.ready.wait(), wait)
@@ -144,7 +150,8 @@ class DedupStage:
     async def _agent(self, stream: StreamT) -> None:
         stream = stream.noack()
         acks = OrderedAcks(stream, self._delivered, _MAX_IN_FLIGHT)
-        buffer = _Buffer()
+        queue = getattr(stream.channel, "queue", None)  # Faust's per-stream queue of fetched records
+        buffer = _Buffer(queue.qsize if queue is not None else lambda: 1)
         handling = [0]
         self.guard.hold_while("agent", lambda: bool(len(acks) or buffer.events or handling[0]))
         processor = asyncio.ensure_future(self._process(buffer, acks, handling))
