@@ -64,16 +64,17 @@ class _Buffer:
     """Admitted records between the agent and the batch processor.
 
     Faust hands the agent about one record per event-loop turn, so what is buffered at any instant is a
-    record or two: while more records wait in the stream's queue (``queued``: fetched, not yet handed
-    over), the processor waits for them, up to ``_WITHIN_SECONDS`` after the first record or until
-    ``_EAGER_BYTES`` are there (large records gain little from waiting, and waiting delays the next
-    fetch). With nothing queued it takes the batch at once: at a low rate a record is not held back for
-    company that is not coming (it cost every record ~10 ms, loadtest/results/latency). `put` waits
+    record or two: while more records are on their way (``more_coming``: queued for the stream, or past
+    the last one in the log), the processor waits for them, up to ``_WITHIN_SECONDS`` after the first
+    record or until ``_EAGER_BYTES`` are there (large records gain little from waiting, and waiting
+    delays the next fetch). Otherwise it takes the batch at once: at a low rate a record is not held back
+    for company that is not coming (that cost every record ~10 ms, loadtest/hop_latency.py). `put` waits
     while the buffer is full, which holds back Faust's fetcher.
     """
 
-    def __init__(self, queued: Callable[[], int] = lambda: 1) -> None:
-        self._queued = queued
+    def __init__(self, more_coming: Callable[[EventT], bool] = lambda _: True) -> None:
+        self._more_coming = more_coming
+        self._last: EventT | None = None
         self.events: list[EventT] = []
         self.bytes = 0
         self.first = 0.0
@@ -93,8 +94,9 @@ class _Buffer:
             self.first = time.monotonic()
         self.events.append(event)
         self.bytes += len(event.message.value or b"")
+        self._last = event
         self.arrived.set()
-        if self._worth_it() or not self._queued():
+        if self._worth_it() or not self._more_coming(event):
             self.ready.set()
 
     async def take(self) -> list[EventT]:
@@ -102,7 +104,7 @@ class _Buffer:
             self.arrived.clear()
             await self.arrived.wait()
         wait = self.first + _WITHIN_SECONDS - time.monotonic()
-        if wait > 0 and not self._worth_it() and self._queued():
+        if wait > 0 and not self._worth_it() and self._last is not None and self._more_coming(self._last):
             self.ready.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.ready.wait(), wait)
@@ -150,8 +152,7 @@ class DedupStage:
     async def _agent(self, stream: StreamT) -> None:
         stream = stream.noack()
         acks = OrderedAcks(stream, self._delivered, _MAX_IN_FLIGHT)
-        queue = getattr(stream.channel, "queue", None)  # Faust's per-stream queue of fetched records
-        buffer = _Buffer(queue.qsize if queue is not None else lambda: 1)
+        buffer = _Buffer(self._more_coming(stream))
         handling = [0]
         self.guard.hold_while("agent", lambda: bool(len(acks) or buffer.events or handling[0]))
         processor = asyncio.ensure_future(self._process(buffer, acks, handling))
@@ -161,6 +162,20 @@ class DedupStage:
                     await buffer.put(event)
         finally:
             processor.cancel()
+
+    def _more_coming(self, stream: StreamT) -> Callable[[EventT], bool]:
+        """Whether records past ``event`` are already on their way: queued in Faust for this stream, or in
+        the log beyond it (the partition's high watermark, as of the last fetch)."""
+        queue = getattr(stream.channel, "queue", None)
+        consumer = self.app.consumer
+
+        def more(event: EventT) -> bool:
+            if queue is not None and queue.qsize():
+                return True
+            highwater = consumer.highwater(event.message.tp)
+            return highwater is None or highwater > event.message.offset + 1
+
+        return more
 
     async def _process(self, buffer: _Buffer, acks: OrderedAcks, handling: list[int]) -> None:
         try:

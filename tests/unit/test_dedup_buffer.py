@@ -23,7 +23,7 @@ def long_window(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_with_nothing_queued_a_record_is_taken_at_once() -> None:
     async def run() -> list[Any]:
-        buffer = dedup._Buffer(lambda: 0)
+        buffer = dedup._Buffer(lambda _: False)
         first = event()
         await buffer.put(first)
         return await asyncio.wait_for(buffer.take(), 10)
@@ -35,7 +35,7 @@ def test_records_still_queued_are_waited_for_and_taken_together() -> None:
     queued = [2]
 
     async def run() -> list[Any]:
-        buffer = dedup._Buffer(lambda: queued[0])
+        buffer = dedup._Buffer(lambda _: queued[0] > 0)
         await buffer.put(event(b"a"))
         taking = asyncio.ensure_future(buffer.take())
         await asyncio.sleep(0.05)
@@ -55,7 +55,7 @@ def test_a_batch_worth_taking_is_taken_while_more_are_queued(monkeypatch: pytest
     monkeypatch.setattr(dedup, "_EAGER_BYTES", 4)
 
     async def run() -> list[Any]:
-        buffer = dedup._Buffer(lambda: 100)
+        buffer = dedup._Buffer(lambda _: True)
         await buffer.put(event(b"abcd"))
         return await asyncio.wait_for(buffer.take(), 10)
 
