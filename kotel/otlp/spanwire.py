@@ -33,6 +33,8 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 
+from kotel.otlp.sizing import encode_varint
+
 MATERIAL_SIZE = 34  # trace id, span id, start time (little endian), then the id lengths 16 and 8
 
 _PACKAGE = "kotel.spanwire"
@@ -208,17 +210,8 @@ def _wrap(values: Sequence[bytes]) -> bytes:
     copied once, by the join: a record is ~100 KiB at the stage's batch sizes.)"""
     parts = []
     for value in values:
-        parts += (b"\x0a" + _varint(len(value)), value)
+        parts += (b"\x0a" + encode_varint(len(value)), value)
     return b"".join(parts)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _framed(values: Sequence[bytes], wrapped: bytes | None = None) -> list[bool]:

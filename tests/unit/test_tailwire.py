@@ -10,6 +10,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Status
 
 from kotel.otlp import OtlpDecodeError, samples
+from kotel.otlp.sizing import encode_varint
 from streams.stages import tail_core
 from streams.stages.tail_core import fragments, regroup, regroup_python, summarize, summary_of
 
@@ -61,17 +62,8 @@ def test_split_answers_what_regroup_answers(index: int, partitions: int) -> None
     assert regroup(request, partitions, value) == regroup_python(request, partitions)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _field(tag: int, payload: bytes) -> bytes:
-    return bytes([tag]) + _varint(len(payload)) + payload
+    return bytes([tag]) + encode_varint(len(payload)) + payload
 
 
 def _by_hand(fields: list[bytes]) -> bytes:
