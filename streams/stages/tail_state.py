@@ -63,6 +63,11 @@ def _read_trace(tid: bytes, wire: bytes) -> tuple[TraceData, list[bytes] | None]
     return TraceData(tid, request.resource_spans), span_ids(request)
 
 
+def _span_count(wire: bytes) -> int:
+    summary = summarize(wire)
+    return summary.spans if summary is not None else len(span_ids(decode_trace(wire)))
+
+
 def _ids(packed: bytes) -> list[bytes]:
     return [packed[i:i + SPAN_ID_SIZE] for i in range(0, len(packed), SPAN_ID_SIZE)]
 
@@ -237,7 +242,7 @@ class TraceState:
         if not already and len(set(ids)) == len(ids):
             for tenant, parts in groups.items():
                 value = join_fragments(parts)
-                count = len(span_ids(decode_trace(value))) if len(groups) > 1 else len(ids)
+                count = _span_count(value) if len(groups) > 1 else len(ids)
                 plan.outputs.append(Output(tid, tenant, value, count))
             return tuple(ids)
         emitted = set(already)
