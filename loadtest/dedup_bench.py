@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python -m loadtest.dedup_bench [--bootstrap 127.0.0.1:9092] [--spans 600000]
      [--batch 1000] [--instances 16] [--small] [--rate 50000] [--window 300] [--memory-deadline 900]
-     [--skip-throughput] [--skip-memory] [--pure]
+     [--paced] [--skip-throughput] [--skip-memory] [--pure]
 Needs a running broker (`kotel kafka start`). Each phase uses fresh topics and a fresh worker started as
 `kotel worker dedup` (a child process), fed with realistic spans (samples.traces: HTTP/DB attributes,
 2 scopes, start times out of order, 16 service instances = 16 keys, 5 % of the records re-sent as they
@@ -13,8 +13,9 @@ were, as a retrying client would).
    and RSS. ``--small`` is the agent's shape under load: 10 spans per record over 48 service instances
    (one record per instance per 5 ms batch), where per-record costs dominate.
 2. Memory: a full window of --rate x --window identities (15M by default), produced first with record
-   times spread over the window, then drained; the worker's RSS, the identities held and the store's
-   disk use are sampled every 10 s (the target is 15M identities within 512 MiB RSS). Bounded by
+   times spread over the window, then drained (``--paced``: sent at --rate in real time for --window
+   seconds while the worker consumes); the worker's RSS (read every second), the identities held and the
+   store's disk use are printed every 10 s (the target is 15M identities within 512 MiB RSS). Bounded by
    --memory-deadline. Each phase deletes its topics at the end.
 ``--pure`` (no broker): the stage's per-span work in process, identify and rebuild a record with one span
 dropped, with the C reader and with the Python one (CPU time per span, best of 7).
@@ -27,6 +28,7 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,14 +83,21 @@ def setup(bootstrap: str, work: Path, window: str, partitions: int) -> tuple[Pat
 
 
 def produce(bootstrap: str, topic: str, records: Records, count: int, partitions: int,
-            retry_share: float = 0.05, stamp: Callable[[int], int] | None = None) -> int:
+            retry_share: float = 0.05, stamp: Callable[[int], int] | None = None,
+            pace: float = 0.0) -> int:
     """The backlog, each instance on partition (its index mod ``partitions``): every partition carries
     an equal share, as with the many instances of production. Hashing 16 keys onto 3 partitions gave them
-    9, 4 and 3 instances, and the last part of a drain measured one partition alone."""
+    9, 4 and 3 instances, and the last part of a drain measured one partition alone. ``pace`` (spans/s)
+    sends in real time instead of as fast as the broker takes it."""
     producer = backlog_producer(bootstrap)
     spans, last = 0, None
     retry_every = int(1 / retry_share) if retry_share else 0
+    began = time.monotonic()
     for i in range(count):
+        if pace:
+            ahead = began + i * records.spans / pace - time.monotonic()
+            if ahead > 0:
+                producer.poll(ahead)
         if retry_every and last is not None and i % retry_every == retry_every - 1:
             key, value, instance = last
         else:
@@ -159,48 +168,64 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
 
 
 def memory(args: argparse.Namespace, work: Path) -> None:
-    """A full window: rate x window identities whose record times span the window, drained by one worker.
+    """A full window: rate x window identities whose record times span the window, held by one worker.
 
-    Produced as a backlog first (faster than real time) so the phase ends in minutes; the stage keys its
-    window on record time, so the worker holds the same identities as after ``window`` s at ``rate``.
+    By default produced as a backlog first (faster than real time, so the phase ends in minutes, and
+    harder on memory than the target's case: the worker drains at its top speed, with full fetch buffers);
+    the stage keys its window on record time, so the worker ends up holding the same identities as after
+    ``window`` s at ``rate``. ``--paced`` is the target's case itself: ``rate`` spans/s in real time for
+    ``window`` s, the worker consuming alongside. RSS is read every second.
     """
     topology, topic = setup(args.bootstrap, work, f"{args.window}s", args.partitions)
     records = Records(args.batch)
     count = int(args.rate * args.window / args.batch)
+    total = count * records.spans
     first_ms = int(time.time() * 1000) - args.window * 1000
 
     def stamp(i: int) -> int:
         return first_ms + (i + 1) * args.window * 1000 // count
 
-    started = time.monotonic()
-    total = produce(args.bootstrap, topic, records, count, args.partitions, 0.0, stamp=stamp)
-    print(f"backlog: {count} records, {total:,} spans, record times over {args.window} s, produced in "
-          f"{time.monotonic() - started:.0f} s; load {load()}", flush=True)
-    worker = start_worker("dedup", topology, work)
+    sender: threading.Thread | None = None
+    if args.paced:
+        worker = start_worker("dedup", topology, work)
+        sender = threading.Thread(target=produce, daemon=True, args=(
+            args.bootstrap, topic, records, count, args.partitions, 0.0, None, float(args.rate)))
+        sender.start()
+        print(f"paced: {count} records, {total:,} spans at {args.rate:,} spans/s over {args.window} s; "
+              f"load {load()}", flush=True)
+    else:
+        started = time.monotonic()
+        produce(args.bootstrap, topic, records, count, args.partitions, 0.0, stamp=stamp)
+        print(f"backlog: {count} records, {total:,} spans, record times over {args.window} s, produced in "
+              f"{time.monotonic() - started:.0f} s; load {load()}", flush=True)
+        worker = start_worker("dedup", topology, work)
     began, peak, done = time.monotonic(), 0, 0.0
     try:
         while time.monotonic() - began < args.memory_deadline:
-            time.sleep(10)
+            for _ in range(10):
+                time.sleep(1)
+                peak = max(peak, worker.proc.memory_info().rss)
             if worker.process.poll() is not None:
                 print("the worker exited")
                 break
             rss = worker.proc.memory_info().rss
-            peak = max(peak, rss)
             done = worker.metric("kotel_stage_items_in_total")
             keys = worker.metric("kotel_stage_table_keys")
             print(f"  t={time.monotonic() - began:4.0f} s  processed {done:>12,.0f}  identities (RocksDB "
-                  f"estimate) {keys:>12,.0f}  RSS {rss / 2**20:5.0f} MiB  store on disk "
-                  f"{disk_bytes(worker.data_dir) / 2**20:6.0f} MiB  load {load()}", flush=True)
+                  f"estimate) {keys:>12,.0f}  RSS {rss / 2**20:5.0f} MiB (peak {peak / 2**20:3.0f})  store "
+                  f"on disk {disk_bytes(worker.data_dir) / 2**20:6.0f} MiB  load {load()}", flush=True)
             if done >= total:
                 break
         time.sleep(12)  # one more sampler round for the table size
         out = worker.metric("kotel_stage_items_out_total")
         print(f"memory: {done:,.0f} of {total:,} spans in {time.monotonic() - began:.0f} s; {out:,.0f} "
               f"identities stored, RocksDB estimates {worker.metric('kotel_stage_table_keys'):,.0f}; peak "
-              f"RSS {max(peak, worker.proc.memory_info().rss) / 2**20:.0f} MiB; store on disk "
-              f"{disk_bytes(worker.data_dir) / 2**20:.0f} MiB")
+              f"RSS {max(peak, worker.proc.memory_info().rss) / 2**20:.0f} MiB (read every second); store on "
+              f"disk {disk_bytes(worker.data_dir) / 2**20:.0f} MiB")
     finally:
         worker.stop()
+        if sender is not None:
+            sender.join(timeout=5)
         drop_topics(args.bootstrap, prefix_of(topology))
 
 
@@ -242,6 +267,8 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=50_000, help="spans/s the memory phase's window holds")
     parser.add_argument("--window", type=int, default=300, help="dedup window of the memory phase, s")
     parser.add_argument("--memory-deadline", type=float, default=900, help="the memory phase stops after, s")
+    parser.add_argument("--paced", action="store_true",
+                        help="the memory phase sends --rate spans/s in real time for --window s (5 min)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--pure", action="store_true", help="only the in-process per-span cost, no broker")

@@ -81,8 +81,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{data_dir} is in use by another worker; give each worker its own --data-dir",
               file=sys.stderr)
         return 2
-    from kotel import gc_pauses
+    from kotel import gc_pauses, heap
     from streams.app import SettledWorker, create_app
+
+    heap.fix_mmap_threshold()  # fetch buffers go back to the system when freed
 
     try:
         bind = load_binding(args.stage)
