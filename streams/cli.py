@@ -84,7 +84,9 @@ def _run(args: argparse.Namespace) -> int:
     from kotel import gc_pauses, heap
     from streams.app import SettledWorker, create_app
 
-    heap.fix_mmap_threshold()  # fetch buffers go back to the system when freed
+    if heap.fix_mmap_threshold():
+        log.info("glibc's mmap threshold fixed at %d bytes: freed fetch buffers go back to the system",
+                 heap.MMAP_THRESHOLD)
 
     try:
         bind = load_binding(args.stage)

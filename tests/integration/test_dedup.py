@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import platform
 import random
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from kotel.heap import MMAP_THRESHOLD
 from kotel.otlp import Signal, decode_protobuf
 from streams.stages.dedup_core import identify
 from tests.integration.stage_support import (
@@ -89,6 +91,12 @@ def test_a_running_worker_froze_its_start_up_heap(short_env: StageEnv) -> None:
     wait_until(lambda: worker.metric("kotel_stage_gc_pause_seconds_count", generation="settle") >= 2, 30,
                "the worker to settle its heap twice")
     assert worker.metric("kotel_stage_gc_pause_seconds_sum", generation="settle") > 0
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_a_running_worker_fixed_its_mmap_threshold(short_env: StageEnv) -> None:
+    """kotel.heap: freed fetch buffers leave the heap (the memory phase of loadtest.dedup_bench)."""
+    assert f"glibc's mmap threshold fixed at {MMAP_THRESHOLD} bytes" in short_env.workers[0].log()
 
 
 def test_exact_and_partial_duplicates_across_records(short_env: StageEnv) -> None:
