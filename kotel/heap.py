@@ -5,7 +5,7 @@ system on free, but raises the threshold to the size of every such block that is
 stage worker frees a fetch response of up to 16 MiB per partition every few milliseconds: after the first
 one, the next ones are carved from the heap, and the freed space between live records stays resident.
 Measured with the dedup stage draining a 15M-identity window (`loadtest.dedup_bench --skip-throughput`):
-peak RSS 509-530 MiB with glibc's sliding threshold, ~400 MiB with a fixed 4 MiB one, at the same
+peak RSS 512 MiB with glibc's sliding threshold, 446-468 MiB with a fixed 4 MiB one, at the same
 throughput (loadtest/results/stages.md, round 9). A fixed 128 KiB threshold held memory lower still but
 cost a third of the throughput: every record value then got its own mapping and its page faults.
 
