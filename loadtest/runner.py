@@ -172,7 +172,8 @@ class Run:
         target = make_target(sc.pipeline.target, endpoint, kafka, wiring.prefix)
         await target.start()
         driver = Driver(shapes, target, ledger, items_per_request=sc.workload.items_per_request,
-                        max_in_flight=sc.workload.max_in_flight)
+                        max_in_flight=sc.workload.max_in_flight, arrivals=sc.workload.arrivals,
+                        seed=sc.workload.seed)
         try:
             self.say(f"warm-up: {sc.warmup.total_seconds():g} s of light load, until it reaches the archive")
             await driver.run({s: 50.0 for s, r in sc.workload.rates.model_dump().items() if r > 0},

@@ -58,6 +58,9 @@ class Rates(_Model):
 class Workload(_Model):
     rates: Rates = Rates()
     mode: Literal["open", "max"] = "open"
+    # Open loop: "even" (each signal evenly spaced, the signals offset from each other), "aligned" (every
+    # signal's request at the same instant) or "poisson" (exponential gaps): loadtest/generator/driver.py.
+    arrivals: Literal["even", "aligned", "poisson"] = "even"
     items_per_request: int = Field(200, ge=1, le=10_000)
     max_in_flight: int = Field(256, ge=1)
     tenants: list[str] = Field(["tenant-a", "tenant-b", "tenant-c"], min_length=1)

@@ -1,19 +1,26 @@
 """Offer load on a schedule (open loop) or as fast as answered (max rate), and record what happened.
 
-Open loop: request ``i`` of a signal is due at ``start + i * interval`` whatever happened to earlier
-ones, and its latency counts from that due time, so a stalled pipeline shows up as latency instead of
+Open loop: request ``i`` of a signal is due at ``start + (i + phase) * interval`` whatever happened to
+earlier ones, and its latency counts from that due time, so a stalled pipeline shows up as latency instead of
 hiding behind a sender that slowed down. When ``max_in_flight`` requests are unanswered the sender
 waits for a slot (the next request is late, and its latency says so); ``behind_s`` is how far the
 generator itself trails its schedule, reported so that a saturated generator is never mistaken for a
 slow pipeline.
+
+Arrivals (``arrivals``): ``even`` spaces each signal's requests evenly and offsets the signals from each
+other by a share of the interval, as independent clients are; ``aligned`` sends every signal's request
+at the same instant (three clients in lockstep, the worst case for stages that serve the signals in one
+event loop); ``poisson`` draws exponential gaps of the same mean (many independent clients).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kotel.otlp import Signal
 from loadtest.generator.ledger import Ledger
@@ -41,11 +48,15 @@ class DriveStats:
         return time.monotonic() - self.started if self.started else 0.0
 
 
+Arrivals = Literal["even", "aligned", "poisson"]
+
+
 class Driver:
     def __init__(self, shapes: Shapes, target: Target, ledger: Ledger, *, items_per_request: int,
-                 max_in_flight: int) -> None:
+                 max_in_flight: int, arrivals: Arrivals = "even", seed: int = 42) -> None:
         self.shapes, self.target, self.ledger = shapes, target, ledger
         self.items_per_request, self.max_in_flight = items_per_request, max_in_flight
+        self.arrivals, self.seed = arrivals, seed
         self.stats = DriveStats()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -84,21 +95,38 @@ class Driver:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def schedule(self, signal: Signal, rate: float, seconds: float, start_ns: int) -> Iterator[int]:
+        """Due times (ns) of ``signal``'s requests, each of `request_size` items, at ``rate`` items/s."""
+        n = self.request_size(rate)
+        interval_ns = n / rate * 1e9
+        end = seconds * 1e9
+        order = list(Signal).index(signal)
+        rng = random.Random(self.seed * 31 + order)
+        at = interval_ns * order / len(Signal) if self.arrivals == "even" else 0.0  # ns after the start
+        i = 0
+        while True:
+            if self.arrivals == "poisson":
+                at += rng.expovariate(1.0) * interval_ns
+            elif i:
+                at += interval_ns
+            if at >= end:
+                return
+            yield start_ns + int(at)
+            i += 1
+
+    def request_size(self, rate: float) -> int:
+        return max(1, min(self.items_per_request, round(rate)))  # at least one request a second
+
     async def open_loop(self, signal: Signal, rate: float, seconds: float, warmup: bool = False,
                         stop: Callable[[], bool] = lambda: False) -> None:
         """``rate`` items/s of ``signal`` for ``seconds``; then, for traces, the late spans still held."""
         if rate <= 0:
             return
-        n = max(1, min(self.items_per_request, round(rate)))  # at least one request a second
-        interval_ns = int(n / rate * 1e9)
-        start_ns = time.time_ns()
-        end_ns = start_ns + int(seconds * 1e9)
+        n = self.request_size(rate)
         slots = asyncio.Semaphore(self.max_in_flight)
         st = self.stats.signals[signal.value]
-        i = 0
-        while not stop():
-            due = start_ns + i * interval_ns
-            if due >= end_ns:
+        for due in self.schedule(signal, rate, seconds, time.time_ns()):
+            if stop():
                 break
             wait = (due - time.time_ns()) / 1e9
             if wait > 0:
@@ -110,7 +138,6 @@ class Driver:
                 await self._launch(built, due, slots)
             else:
                 slots.release()
-            i += 1
         if signal is Signal.TRACES:
             await self.flush_late(slots, stop)
 

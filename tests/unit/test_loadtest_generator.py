@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -205,3 +206,40 @@ def test_the_error_span_of_a_trace_is_never_held_back() -> None:
         return sum(s.status.code == 2 for rs in request.resource_spans for ss in rs.scope_spans
                    for s in ss.spans)
     assert errors(late) == 0 and errors(on_time) > 0
+
+
+def _schedules(arrivals: str, rate: float = 50.0, seconds: float = 60.0) -> dict[Signal, list[int]]:
+    from loadtest.generator import Driver
+
+    shapes, ledger = make()
+    driver = Driver(shapes, None, ledger, items_per_request=10, max_in_flight=8,  # type: ignore[arg-type]
+                    arrivals=arrivals)  # type: ignore[arg-type]
+    return {s: list(driver.schedule(s, rate, seconds, NOW)) for s in Signal}
+
+
+def test_even_arrivals_keep_the_rate_and_offset_the_signals_from_each_other() -> None:
+    """Three signals due at the same instant queue behind each other in every stage that serves them in
+    one event loop: independent clients are not in lockstep, so the default spreads them."""
+    due = _schedules("even")
+    interval = 200_000_000  # 10 items per request at 50 items/s
+    for times in due.values():
+        assert len(times) == 300
+        assert {b - a for a, b in pairwise(times)} <= {interval - 1, interval, interval + 1}
+    firsts = sorted(times[0] - NOW for times in due.values())
+    assert firsts[0] == 0 and min(b - a for a, b in pairwise(firsts)) >= interval // 3 - 1
+
+
+def test_aligned_arrivals_send_every_signal_at_once() -> None:
+    due = _schedules("aligned")
+    assert due[Signal.TRACES] == due[Signal.METRICS] == due[Signal.LOGS]
+    assert len(due[Signal.LOGS]) == 300
+
+
+def test_poisson_arrivals_keep_the_mean_rate_with_exponential_gaps() -> None:
+    due = _schedules("poisson", seconds=600.0)
+    gaps = np.diff(np.array(due[Signal.METRICS], dtype=np.int64)) / 1e9
+    assert 2800 < len(due[Signal.METRICS]) < 3200  # 3000 expected, sd ~55
+    assert 0.18 < gaps.mean() < 0.22 and 0.6 < np.median(gaps) / gaps.mean() < 0.8  # ln 2
+    assert gaps.std() / gaps.mean() > 0.85  # an exponential's coefficient of variation is 1, a clock's 0
+    assert due[Signal.METRICS] != due[Signal.LOGS] and due[Signal.METRICS] == _schedules(
+        "poisson", seconds=600.0)[Signal.METRICS]  # independent per signal, repeatable per seed
