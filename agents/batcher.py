@@ -2,8 +2,9 @@
 
 Entries arrive already serialized (kotel.otlp.entries), so a batch is built by joining bytes per
 key, never by copying messages. Every submitter waits for its batch to be durable (the delivery
-promise), so a batch is flushed at ``send_batch_size`` items, after ``timeout``, or once its oldest
-submitter has waited ``max_ack_delay`` — whichever comes first. ``send_batch_max_size`` cuts a
+promise), so a batch is flushed at ``send_batch_size`` items, at the next tick of ``timeout`` (as the
+Collector's batch processor: kotel.ticks), or once its oldest submitter has waited ``max_ack_delay`` —
+whichever comes first. ``send_batch_max_size`` cuts a
 large backlog into several batches of whole requests (a single request larger than it goes alone).
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from kotel.otlp import Entry, Signal, join
+from kotel.ticks import next_tick
 from kotel.topology.processors import BatchConfig
 
 # (signal, key, tenant, request bytes) -> durable
@@ -34,7 +36,8 @@ class Batcher:
         self.signal = signal
         self._size = config.send_batch_size
         self._max = config.send_batch_max_size
-        self._wait = min(config.timeout, config.max_ack_delay).total_seconds()
+        self._tick = config.timeout.total_seconds()
+        self._max_delay = config.max_ack_delay.total_seconds()
         self._sink = sink
         self._pending = _Pending()
         self._timer: asyncio.TimerHandle | None = None
@@ -55,8 +58,13 @@ class Batcher:
         if self._size and pending.items >= self._size:
             self._flush()
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._wait, self._flush)
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(self.flush_at(loop.time()), self._flush)
         await waiter
+
+    def flush_at(self, now: float) -> float:
+        """When a batch whose first request came at ``now`` is due: the next tick, or ``max_ack_delay``."""
+        return min(next_tick(now, self._tick), now + self._max_delay)
 
     def _flush(self) -> None:
         if self._timer is not None:

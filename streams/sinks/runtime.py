@@ -27,6 +27,7 @@ from kotel.gc_pauses import PauseHistogram
 from kotel.kafka.deadletter import dead_letter_headers
 from kotel.kafka.topics import TopicNames
 from kotel.resilience import Backoff, CircuitBreaker
+from kotel.ticks import next_tick
 from kotel.topology import Topology
 from kotel.topology.exporters import CircuitBreakerConfig, RetryConfig
 from streams.sinks.redelivery import HandledOffsets
@@ -191,8 +192,9 @@ class SinkRunner:
         batch = _Batch()
         prefix = self.topology.topics.prefix
         messages = self.consumer.consume(1, self.poll_timeout)
-        if messages and self.max_batch > 1:  # then what else comes within the deliverer's linger
-            messages += self.consumer.consume(self.max_batch - 1, self.linger)
+        if messages and self.max_batch > 1:  # then what else comes until the linger's next tick
+            now = time.monotonic()
+            messages += self.consumer.consume(self.max_batch - 1, next_tick(now, self.linger) - now)
         for msg in messages:
             if msg.error():
                 if msg.error().code() != KafkaError._PARTITION_EOF:

@@ -47,6 +47,19 @@ async def test_max_ack_delay_bounds_the_wait_when_the_timeout_is_long() -> None:
     assert len(sink.calls) == 1
 
 
+def test_a_batch_is_due_at_the_next_tick_of_timeout_as_in_the_collector() -> None:
+    """The Collector's timer runs whatever waits, so a request waits 0..timeout (half on average), not a
+    whole timeout from the first item; max_ack_delay still bounds it."""
+    batcher = Batcher(Signal.TRACES, BatchConfig(timeout="5ms", max_ack_delay="1s"), Sink())
+    assert batcher.flush_at(100.0001) == pytest.approx(100.005)
+    assert batcher.flush_at(100.0049) == pytest.approx(100.005)
+    assert batcher.flush_at(100.0051) == pytest.approx(100.010)
+    slow = Batcher(Signal.TRACES, BatchConfig(timeout="10s", max_ack_delay="20ms"), Sink())
+    assert slow.flush_at(100.001) == pytest.approx(100.021)
+    at_once = Batcher(Signal.TRACES, BatchConfig(timeout="0s"), Sink())
+    assert at_once.flush_at(100.0013) == 100.0013
+
+
 async def test_entries_of_one_key_are_joined_into_one_record_in_arrival_order() -> None:
     sink = Sink()
     batcher = Batcher(Signal.TRACES, BatchConfig(send_batch_size=0, timeout="0s"), sink)

@@ -1,15 +1,18 @@
-"""How a sink gathers a batch (a first record, then only ``linger`` for more), commits it and measures lag."""
+"""How a sink gathers a batch (a first record, then until the linger's next tick), commits, measures lag."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from confluent_kafka import TopicPartition
 
 from kotel.topology import parse_topology
 from kotel.topology.exporters import FileExporterConfig
+from streams.sinks import runtime
 from streams.sinks.archive import ParquetArchive
 from streams.sinks.runtime import DEFAULT_LINGER_SECONDS, OK, SinkRunner
 
@@ -86,11 +89,20 @@ def _runner(deliverer: Any, queued: int) -> tuple[SinkRunner, _Consumer]:
     return runner, fake
 
 
-def test_a_batch_waits_for_its_first_record_then_only_the_linger() -> None:
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sink's monotonic clock at 100.0012 s: 1.2 ms past a tick of 5 ms (and of 250 ms)."""
+    monkeypatch.setattr(runtime, "time", SimpleNamespace(monotonic=lambda: 100.0012))
+
+
+def test_a_batch_waits_for_its_first_record_then_for_the_lingers_next_tick(clock: None) -> None:
+    """As the Collector's batch timeout, a ticker: 0..linger after the first record, not a whole linger."""
     runner, consumer = _runner(_Deliverer(), queued=3)
     batch = runner._poll()
     assert [r.offset for r in batch.records] == [0, 1, 2]
-    assert consumer.calls == [(1, 0.5), (49, DEFAULT_LINGER_SECONDS)]
+    assert [n for n, _ in consumer.calls] == [1, 49]
+    assert consumer.calls[0][1] == 0.5
+    assert consumer.calls[1][1] == pytest.approx(DEFAULT_LINGER_SECONDS - 0.0012)
     assert batch.offsets == {("kt.tenant.a.logs", 0): 3}
 
 
@@ -100,11 +112,11 @@ def test_nothing_there_means_one_wait_and_an_empty_batch() -> None:
     assert consumer.calls == [(1, 0.5)]
 
 
-def test_the_archive_lingers_for_its_flush_interval() -> None:
+def test_the_archive_lingers_until_its_flush_intervals_next_tick(clock: None) -> None:
     archive = ParquetArchive("file/archive", FileExporterConfig(path="/tmp/unused", flush_interval="250ms"))
     runner, consumer = _runner(archive, queued=80)
     assert len(runner._poll().records) == 50
-    assert consumer.calls == [(1, 0.5), (49, 0.25)]
+    assert consumer.calls[1][0] == 49 and consumer.calls[1][1] == pytest.approx(0.25 - 0.0012)
 
 
 class _LagConsumer:
