@@ -58,6 +58,9 @@ class ParquetArchive:
         self.max_days = config.rotation.max_days
         self.linger = config.flush_interval.total_seconds()  # the Collector file exporter's flush cadence
         self._last_prune = 0.0
+        # Folders made already: a mkdir per file per batch waited behind the disk's journal commits. A
+        # folder removed behind the sink's back fails the write, which empties this and is retried.
+        self._folders: set[Path] = set()
         self.archived = ArchivedOffsets(self.root)
         self._io = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="archive-io")
         self.register_metrics(CollectorRegistry())
@@ -72,6 +75,7 @@ class ParquetArchive:
         if self.max_days and time.monotonic() - self._last_prune > 3600:
             self._last_prune = time.monotonic()
             await asyncio.to_thread(prune, self.root, self.max_days)
+            self._folders.clear()
         return results
 
     def _deliver(self, records: Sequence[SinkRecord]) -> list[Result]:
@@ -88,6 +92,7 @@ class ParquetArchive:
             try:
                 self._write(groups)
             except OSError as exc:  # a full or failing disk: keep the offsets, try again later
+                self._folders.clear()
                 retry = Result(Outcome.RETRY, f"archive write failed: {exc.strerror or exc}")
                 return [retry if new else OK for new in fresh]
         return [OK] * len(records)
@@ -105,7 +110,9 @@ class ParquetArchive:
         for (tenant, signal, day), rows in groups.items():
             folder = (self.root / f"tenant={_safe(tenant)}" / f"signal={_safe(signal)}"
                       / f"date={day.isoformat()}")
-            folder.mkdir(parents=True, exist_ok=True)
+            if folder not in self._folders:
+                folder.mkdir(parents=True, exist_ok=True)
+                self._folders.add(folder)
             chunk: list[SinkRecord] = []
             size = 0
             for row in rows:  # rotation: no file beyond max_megabytes of payload

@@ -32,6 +32,7 @@ class Journal:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.path = root / ".journal" / "offsets.tsv"
+        self._folder_made = False  # a mkdir per batch waits behind the disk's journal commits
 
     def append(self, entries: Iterable[tuple[str, int, int, int, Path]]) -> None:
         """One line per (file, topic partition) of a batch, fsynced before the files are renamed."""
@@ -39,11 +40,17 @@ class Journal:
                        for topic, partition, first, last, path in entries)
         if not text:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        if not self._folder_made:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._folder_made = True
+        try:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except FileNotFoundError:  # the folder was removed: made again on the retry
+            self._folder_made = False
+            raise
         if self.path.stat().st_size > MAX_JOURNAL_BYTES:
             os.replace(self.path, self.path.with_suffix(".tsv.1"))
 

@@ -182,3 +182,31 @@ def test_a_failed_file_leaves_the_whole_batch_unarchived_and_retried(
     monkeypatch.setattr(archive_module.pq, "write_table", real)
     assert asyncio.run(archive.deliver(records)) == [OK] * 4
     assert len(_archived(tmp_path)) == 4
+
+
+def test_folders_are_made_once_and_again_when_removed_behind_the_sinks_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    made: list[Path] = []
+    real = Path.mkdir
+
+    def mkdir(self: Path, *args: Any, **kwargs: Any) -> None:
+        made.append(self)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    archive = ParquetArchive("a", FileExporterConfig(path=str(tmp_path)))
+    assert asyncio.run(archive.deliver(_records("t.logs", 0, range(0, 2)))) == [OK] * 2
+    after_first = len(made)
+    for first in (2, 4):
+        assert asyncio.run(archive.deliver(_records("t.logs", 0, range(first, first + 2)))) == [OK] * 2
+    assert after_first > 0 and len(made) == after_first
+    shutil.rmtree(tmp_path / "tenant=tenant-a")
+    shutil.rmtree(tmp_path / ".journal")
+    results = asyncio.run(archive.deliver(_records("t.logs", 0, range(6, 8))))
+    assert [r.outcome for r in results] == [Outcome.RETRY] * 2
+    assert results[0].reason.startswith("archive write failed: ")
+    assert asyncio.run(archive.deliver(_records("t.logs", 0, range(6, 8)))) == [OK] * 2
+    assert _archived(tmp_path) == [("t.logs", 0, o) for o in range(6, 8)]
+    asyncio.run(archive.close())
