@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="use this running broker instead of starting one (no broker faults then)")
     run.add_argument("--keep-work", action="store_true",
                      help="keep the run's broker data, archive and logs even when it passed")
+    run.add_argument("--arrivals", choices=("even", "aligned", "poisson"),
+                     help="open-loop arrival model instead of the scenario's workload.arrivals")
     run.set_defaults(func=_run)
 
     send = actions.add_parser("send", help="send generated traffic to an agent (or raw topics) and say what")
@@ -52,6 +54,9 @@ def _run(args: argparse.Namespace) -> int:
     except ScenarioError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if args.arrivals:
+        workload = scenario.workload.model_copy(update={"arrivals": args.arrivals})
+        scenario = scenario.model_copy(update={"workload": workload})
     results = Path(args.results) if args.results else \
         Path(".kotel/loadtest") / f"{scenario.name}-{datetime.now():%Y%m%d-%H%M%S}"
     try:

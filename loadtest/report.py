@@ -23,6 +23,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _arrivals(workload: dict[str, Any]) -> str:
+    if workload.get("mode") == "max":
+        return "closed loop, as fast as answered"
+    return f"open loop, {workload.get('arrivals', 'aligned')} arrivals"
+
+
 def markdown(result: dict[str, Any]) -> str:
     sc, machine = result["scenario"], result["machine"]
     lines = [f"# Load test `{sc['name']}`: {'PASS' if result['passed'] else 'FAIL'}", ""]
@@ -31,6 +37,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [f"Machine: {machine['cpus']} CPUs, {machine['memory_gib']} GiB, Python {machine['python']}, "
               f"load average at start {machine['load_average']}. Started {result['started']}; "
               f"{result['duration_s']} s of load via {sc['pipeline']['target']} "
+              f"({_arrivals(sc['workload'])}) "
               f"(after {sc.get('warmup', '1s')} of warm-up, not in the latencies), "
               f"tail sampling: {result['tail_sampling']}.", ""]
     for problem in result["problems"]:

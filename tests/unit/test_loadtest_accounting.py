@@ -190,7 +190,8 @@ def test_report_files_say_pass_or_fail_and_hold_the_figures(tmp_path: Path) -> N
     assert text.startswith("# Load test `unit`: PASS")
     assert "| delivered | 200 |" in text and "| end_to_end | 135.0 / 135.0 / 135.0 |" in text
     assert "| agent | 10.0 | 20.0 | 100.0 | 120.0 | 110.0 |" in text
-    assert "4.0 s of load via grpc (after 30s of warm-up, not in the latencies)" in text
+    assert ("4.0 s of load via grpc (open loop, even arrivals) (after 30s of warm-up, not in the latencies)"
+            in text)
     assert files["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     failed = markdown({**result, "passed": False, "problems": ["logs: 1 items lost (e.g. seq [3])"]})
     assert failed.startswith("# Load test `unit`: FAIL")

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -61,3 +62,24 @@ def test_sigterm_interrupts_a_run_like_ctrl_c_and_the_handler_is_restored() -> N
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)  # the handler runs at the next bytecode; never reached
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_arrivals_on_the_command_line_override_the_scenarios(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import loadtest.runner
+    from kotel import cli
+
+    seen: list[str] = []
+
+    def fake_run(scenario: Any, results: Path, bootstrap: str | None, keep_work: bool) -> Any:
+        seen.append(scenario.workload.arrivals)
+        summary = tmp_path / "summary.md"
+        summary.write_text("ok")
+        return {"passed": True}, {"markdown": summary}
+
+    monkeypatch.setattr(loadtest.runner, "run", fake_run)
+    latency = Path(__file__).resolve().parents[2] / "loadtest" / "scenarios" / "latency.yaml"
+    run = ["loadtest", "run", str(latency), "--results", str(tmp_path)]
+    assert cli.main(run) == 0
+    assert cli.main([*run, "--arrivals", "poisson"]) == 0
+    assert seen == ["even", "poisson"]
