@@ -4,8 +4,8 @@ Entries arrive already serialized (kotel.otlp.entries), so a batch is built by j
 key, never by copying messages. Every submitter waits for its batch to be durable (the delivery
 promise), so a batch is flushed at ``send_batch_size`` items, at the next tick of ``timeout`` (as the
 Collector's batch processor: kotel.ticks), or once its oldest submitter has waited ``max_ack_delay`` —
-whichever comes first. ``send_batch_max_size`` cuts a
-large backlog into several batches of whole requests (a single request larger than it goes alone).
+whichever comes first. ``send_batch_max_size`` cuts a large backlog into several batches of whole
+requests (a single request larger than it goes alone).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Offer load on a schedule (open loop) or as fast as answered (max rate), and record what happened.
 
-Open loop: request ``i`` of a signal is due at ``start + (i + phase) * interval`` whatever happened to
-earlier ones, and its latency counts from that due time, so a stalled pipeline shows up as latency instead of
+Open loop: each request of a signal is due at its time in `Driver.schedule` whatever happened to earlier
+ones, and its latency counts from that due time, so a stalled pipeline shows up as latency instead of
 hiding behind a sender that slowed down. When ``max_in_flight`` requests are unanswered the sender
 waits for a slot (the next request is late, and its latency says so); ``behind_s`` is how far the
 generator itself trails its schedule, reported so that a saturated generator is never mistaken for a

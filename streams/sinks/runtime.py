@@ -64,8 +64,8 @@ class SinkRecord:
     timestamp_ms: int
 
 
-# After a batch's first record, how long a sink waits for more before delivering (fewer, larger
-# requests under load; a short wait keeps the pipeline's latency at a few ms when it is quiet).
+# The period of the ticks a sink waits for after a batch's first record, gathering more before delivering
+# (fewer, larger requests under load; a short period keeps the pipeline's latency at a few ms when quiet).
 DEFAULT_LINGER_SECONDS = 0.005
 LAG_INTERVAL_SECONDS = 2.0  # between updates of the lag gauge (from cached watermarks: no request)
 
