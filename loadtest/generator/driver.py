@@ -101,18 +101,19 @@ class Driver:
         interval_ns = n / rate * 1e9
         end = seconds * 1e9
         order = list(Signal).index(signal)
-        rng = random.Random(self.seed * 31 + order)
-        at = interval_ns * order / len(Signal) if self.arrivals == "even" else 0.0  # ns after the start
-        i = 0
-        while True:
-            if self.arrivals == "poisson":
-                at += rng.expovariate(1.0) * interval_ns
-            elif i:
-                at += interval_ns
-            if at >= end:
-                return
+        if self.arrivals == "poisson":
+            rng = random.Random(self.seed * 31 + order)
+
+            def gap() -> float:
+                return rng.expovariate(1.0) * interval_ns
+            at = gap()  # ns after the start
+        else:
+            def gap() -> float:
+                return interval_ns
+            at = interval_ns * order / len(Signal) if self.arrivals == "even" else 0.0
+        while at < end:
             yield start_ns + int(at)
-            i += 1
+            at += gap()
 
     def request_size(self, rate: float) -> int:
         return max(1, min(self.items_per_request, round(rate)))  # at least one request a second
