@@ -7,7 +7,7 @@ child process, then one small record per signal (10 items, fresh identities, one
 default) every 1/rate s into the stage's input topics, each carrying its send time in a header. Plain
 librdkafka consumers read each input and output topic: the input's latency is the floor (produce and fetch
 through the broker, no stage); the output's is what a downstream consumer sees; the difference of their
-medians is what the stage adds (fetch through Faust, its batching, its produce). Records sent during the
+medians is what the stage adds (its fetch, its batching, its produce). Records sent during the
 warm-up (group join, first fetches) are not counted. Prints percentiles and the worker's CPU; bounded in
 time (warm-up + duration + 10 s per stage); deletes its topics. A script, not a test: nothing is asserted.
 """

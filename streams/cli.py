@@ -1,4 +1,7 @@
-"""`kotel worker {dedup,tail,route} --topology FILE`: one Faust worker of a stream stage.
+"""`kotel worker {dedup,tail,route} --topology FILE`: one worker of a stream stage.
+
+dedup and tail are Faust workers (tables in RocksDB); route, which keeps no state, runs on
+`streams.kafka_stage` (librdkafka in and out).
 
 Also runnable without the entry point as ``python -m streams.cli worker dedup --topology FILE``.
 """
@@ -13,15 +16,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from kotel import paths
 from kotel.logs import setup_logging
 from kotel.topology import Topology, TopologyError, load_topology
 
-# Stage name -> "module:function" binding; imported only when that stage runs.
-STAGES = {"dedup": "streams.stages.dedup:bind", "route": "streams.stages.routing:bind",
-          "tail": "streams.stages.tail:bind"}
+# Stage name -> "module:function" binding to a Faust app; imported only when that stage runs.
+STAGES = {"dedup": "streams.stages.dedup:bind", "tail": "streams.stages.tail:bind"}
+# Stage name -> "module:function" running a stage without Faust: (topology, data_dir, web_port) -> exit code.
+KAFKA_STAGES = {"route": "streams.stages.routing:run"}
 
 log = logging.getLogger("kotel.worker")
 
@@ -32,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Run one Faust worker of a stream stage. Workers of a stage started with the same "
                     "topology form one consumer group and share the partitions.",
     )
-    parser.add_argument("stage", choices=sorted(STAGES), help="the stage to run")
+    parser.add_argument("stage", choices=sorted({*STAGES, *KAFKA_STAGES}), help="the stage to run")
     parser.add_argument("--topology", required=True, metavar="FILE", help="topology file")
     parser.add_argument("--web-port", type=int, metavar="N",
                         help="port of /metrics on 127.0.0.1 (default: a free port, written to "
@@ -46,8 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.set_defaults(func=_run)
 
 
-def load_binding(stage: str) -> Callable[..., None]:
-    module, _, name = STAGES[stage].partition(":")
+def load_binding(stage: str) -> Callable[..., Any]:
+    module, _, name = {**STAGES, **KAFKA_STAGES}[stage].partition(":")
     return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
 
 
@@ -93,6 +97,15 @@ def _run(args: argparse.Namespace) -> int:
     except (ImportError, AttributeError) as exc:
         print(f"stage {args.stage!r} is not available: {exc}", file=sys.stderr)
         return 2
+    if args.stage in KAFKA_STAGES:
+        try:
+            return int(bind(topology, data_dir, args.web_port))
+        except ValueError as exc:  # the topology has nothing for this stage to do
+            print(exc, file=sys.stderr)
+            return 2
+        finally:
+            gc_pauses.settle()
+            lock.close()
     app = create_app(topology, args.stage, data_dir=data_dir, web_port=args.web_port)
     bind(app, topology)
     log.info("worker %s of %s: data %s, metrics http://127.0.0.1:%d/metrics", args.stage, args.topology,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import faust
@@ -17,21 +17,33 @@ import faust
 from kotel.kafka.deadletter import DLQ_KEYS, OFFSET, PARTITION, REASON, TOPIC
 from kotel.topology import Topology
 from streams.app import metrics_of
+from streams.telemetry import WorkerMetrics
 
 log = logging.getLogger("kotel.deadletter")
 
 _OWN = DLQ_KEYS
+# (topic, key, value, headers) -> the record's delivery future, from whichever producer the stage uses
+Send = Callable[[str, bytes | None, bytes, list[tuple[str, bytes]]], Awaitable[asyncio.Future[Any]]]
 MAX_REASON_BYTES = 1024  # a reason is for humans; a header must not grow with a hostile payload
 
 
 class DeadLetter:
     """Writes rejected records to ``<prefix>.deadletter`` and counts them by reason."""
 
-    def __init__(self, app: faust.App, topology: Topology) -> None:
-        self.app = app
+    def __init__(self, topology: Topology, metrics: WorkerMetrics, send: Send) -> None:
         self.topic = topology.topic_names.deadletter
         self.counts: collections.Counter[str] = collections.Counter()
-        self._metrics = metrics_of(app)
+        self._metrics = metrics
+        self._send = send
+
+    @classmethod
+    def for_app(cls, app: faust.App, topology: Topology) -> DeadLetter:
+        """Through a Faust stage's producer."""
+        def send(topic: str, key: bytes | None, value: bytes,
+                 headers: list[tuple[str, bytes]]) -> Awaitable[asyncio.Future[Any]]:
+            return app.producer.send(topic, key, value, partition=None, timestamp=None, headers=headers)
+
+        return cls(topology, metrics_of(app), send)
 
     async def submit(
         self,
@@ -59,10 +71,7 @@ class DeadLetter:
         self.counts[label] += 1
         self._metrics.deadlettered.labels(self._metrics.stage, signal, label).inc()
         log.warning("dead-lettered %s[%d]@%d: %s", origin_topic, origin_partition, origin_offset, reason)
-        future: asyncio.Future[Any] = await self.app.producer.send(
-            self.topic, key, value, partition=None, timestamp=None, headers=[*kept, *own],
-        )
-        return future
+        return await self._send(self.topic, key, value, [*kept, *own])
 
     async def send(
         self,

@@ -133,7 +133,7 @@ class DedupStage:
         self.target = names.deduped(signal)
         self.partitions = topics.resolve(self.source, topics.raw, signal).partitions
         self.metrics = metrics_of(app)
-        self.deadletter = DeadLetter(app, topology)
+        self.deadletter = DeadLetter.for_app(app, topology)
         self.table = SeenTable(app, name=f"seen-{signal}", window_ms=self.window_ms,
                                partitions=self.partitions, key_type=bytes, value_type=bytes,
                                beacon=app.tables.beacon, help=f"{signal} identities seen in the window")

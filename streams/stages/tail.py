@@ -103,7 +103,7 @@ class TailStage:
         self.sampler = TailSampler(config)
         self.metrics = metrics_of(app)
         self.tail = TailMetrics(self.metrics.registry)
-        self.deadletter = DeadLetter(app, topology)
+        self.deadletter = DeadLetter.for_app(app, topology)
         self.table = TraceTable(app, name="traces", limits=self.limits, partitions=self.partitions,
                                 key_type=bytes, value_type=bytes, beacon=app.tables.beacon,
                                 help="pending traces and decisions")

@@ -11,6 +11,7 @@ import re
 import signal as signals
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -138,9 +139,9 @@ def worker(tmp_path: Path) -> Iterator[Any]:
     """Starts `kotel worker route` for a Setup; SIGTERM at the end (SIGKILL if it hangs)."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(setup: Setup) -> subprocess.Popen[bytes]:
-        data = setup.tmp / "worker"
-        log_file = (setup.tmp / "worker.log").open("wb")
+    def start(setup: Setup, name: str = "worker") -> subprocess.Popen[bytes]:
+        data = setup.tmp / name
+        log_file = (setup.tmp / f"{name}.log").open("wb")
         proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "route", "--topology",
                                  str(setup.file), "--data-dir", str(data)], stdout=log_file, stderr=log_file)
         procs.append(proc)
@@ -302,3 +303,66 @@ def test_tenant_topics_are_created_on_first_use_with_the_topology_settings(
     (a,) = s.read(n.tenant("tenant-a", "traces"))
     (logs,) = s.read(n.tenant("tenant-b", "logs"))
     assert (names(Signal.TRACES, a.value), names(Signal.LOGS, logs.value)) == (["a1", "a2"], ["l1", "l2"])
+
+
+def test_a_worker_joining_and_one_leaving_lose_and_repeat_nothing(kafka_bootstrap: str, tmp_path: Path,
+                                                                   worker: Any) -> None:
+    """Both rebalances are graceful: the leaving worker finishes what it began and commits it, and what it
+    had polled but not begun is read again by the other, so every record comes out exactly once."""
+    s = Setup(kafka_bootstrap, tmp_path, create=False)
+    s.apply(without=())
+    n = s.names
+    sent = [f"l-{i}" for i in range(240)]
+
+    def feed() -> None:
+        for i, body in enumerate(sent):
+            value = build(Signal.LOGS, ({"tenant": "tenant-a"}, [[log(body)]])).SerializeToString()
+            s.produce(n.deduped("logs"), f"svc-{i % 5}", value, [("kotel.tenant", b"tenant-a")])
+            s.producer.poll(0)
+            time.sleep(0.04)  # ~10 s of records, across both rebalances
+        s.producer.flush(10)
+
+    first = worker(s, "w1")
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    time.sleep(2.5)
+    second = worker(s, "w2")
+    time.sleep(4.0)
+    assert stop(first) == 0
+    feeder.join(30)
+    topic = n.tenant("tenant-a", "logs")
+    assert s.wait_sizes({topic: len(sent)}) == {topic: len(sent)}
+    deadline = time.monotonic() + 30
+    while (done := s.committed([n.deduped("logs")]))[0] < done[1] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert done == (len(sent), len(sent))
+    got = [body for out in s.read(topic) for body in names(Signal.LOGS, out.value)]
+    assert sorted(got) == sorted(sent)  # none lost, none twice
+    assert stop(second) == 0
+    log_text = (tmp_path / "w2.log").read_text()
+    assert "revoked" in log_text and log_text.count("assigned") >= 2  # it did take over
+
+
+def test_an_output_the_broker_refuses_ends_the_worker_before_its_input_is_committed(
+        kafka_bootstrap: str, tmp_path: Path, worker: Any) -> None:
+    s = Setup(kafka_bootstrap, tmp_path, create=False)
+    s.apply(without=())
+    n = s.names
+    topic = n.tenant("tenant-a", "logs")
+    resource_ = ConfigResource(ResourceType.TOPIC, topic, set_config={"max.message.bytes": "2048"})
+    for future in s.admin.alter_configs([resource_]).values():
+        future.result(10)
+    small = build(Signal.LOGS, ({"tenant": "tenant-a"}, [[log("fits")]])).SerializeToString()
+    large = build(Signal.LOGS, ({"tenant": "tenant-a"}, [[log("x" * 20000)]])).SerializeToString()
+    proc = worker(s)
+    for value in (small, large):  # one after the other: in one batch the broker would refuse both
+        s.producer.produce(n.deduped("logs"), value, key="svc", partition=0,
+                           headers=[("kotel.tenant", b"tenant-a")])
+        s.producer.flush(10)
+        if value is small:
+            assert s.wait_sizes({topic: 1}) == {topic: 1}
+    assert proc.wait(60) == 70  # EX_SOFTWARE: nothing after the refused output may be committed
+    assert "was not acknowledged" in (tmp_path / "worker.log").read_text()
+    assert s.committed([n.deduped("logs")]) == (1, 2)  # the record before it, not the refused one
+    (out,) = s.read(topic)
+    assert names(Signal.LOGS, out.value) == ["fits"]

@@ -1,0 +1,323 @@
+"""A stateless stream stage on librdkafka: the consumer on a thread of its own, the stage's work on the
+event loop, outputs through an idempotent producer, input offsets committed once the outputs are
+acknowledged.
+
+Why not Faust for a stage without state: Faust fetches with aiokafka on a thread of its own and hands
+every fetch and every record to the event loop in Python. For the routing stage at 20 records/s per
+signal that cost 5.4-5.7 ms per hop (p50; output p95 11-15 ms) and 14 % of a core, against 1.3-1.5 ms
+and 2.4 % for librdkafka in and out (loadtest/hop_latency.py --stage route|forward), and in the latency
+scenario the routing step went from 6-7 / 13-16 ms (p50 / p95) to 2 / 4-6 ms (loadtest/results/stages.md).
+
+Commits follow the rule of streams.app: inputs are handed to `Ledger` in consumption order with the
+delivery futures of their outputs, an input is done once they all succeeded and every earlier input is
+done, and only done inputs are committed (every ``COMMIT_INTERVAL_S``, on a rebalance and when stopping).
+A delivery that fails for good ends the worker (exit 70) before anything after it is committed.
+
+Rebalances are eager (every partition is revoked): inside the revoke callback the consumer thread waits
+until the loop has finished the record it is on and every output is acknowledged, and commits; records
+handed over but not begun are dropped (whoever gets their partition reads them again from the commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+
+from kotel import gc_pauses
+from kotel.topology import Topology
+
+log = logging.getLogger("kotel.worker")
+
+EX_SOFTWARE = 70
+COMMIT_INTERVAL_S = 1.0
+MAX_POLL_RECORDS = 500
+MAX_HANDOFF_BATCHES = 8  # polls waiting for the loop; beyond that the consumer thread waits
+REVOKE_TIMEOUT_S = 60.0
+MAX_RECORD_BYTES = 16 * 1024 * 1024  # as the Faust stages' producers (streams.app.MAX_REQUEST_BYTES)
+
+Handler = Callable[[Message], Awaitable[tuple[Sequence[asyncio.Future[Any]], Any]]]
+
+
+class StageFailed(Exception):
+    """An output was not acknowledged for good: nothing after its input may be committed."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    topic: str
+    partition: int
+    offset: int
+    futures: Sequence[asyncio.Future[Any]]
+    payload: Any
+
+
+def _succeeded(future: asyncio.Future[Any]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
+class Ledger:
+    """Inputs in consumption order until their outputs are acknowledged; ``done`` is, per partition, the
+    offset a commit may name (the next one to read). ``on_done`` sees each payload once, in order."""
+
+    def __init__(self, on_done: Callable[[Any], None], max_in_flight: int = 1024) -> None:
+        self._on_done = on_done
+        self._max = max_in_flight
+        self._queue: deque[_Entry] = deque()
+        self.done: dict[tuple[str, int], int] = {}
+        self._wake, self._space, self._empty = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    async def add(self, topic: str, partition: int, offset: int, futures: Sequence[asyncio.Future[Any]],
+                  payload: Any) -> None:
+        while len(self._queue) >= self._max:
+            self._space.clear()
+            await self._space.wait()
+        self._queue.append(_Entry(topic, partition, offset, futures, payload))
+        self._empty.clear()
+        self._wake.set()
+
+    async def drained(self) -> None:
+        await self._empty.wait()
+
+    async def run(self) -> None:
+        """Until cancelled; raises `StageFailed` at the first output that failed for good."""
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                self._empty.set()
+                await self._wake.wait()
+                continue
+            head = self._queue[0]
+            try:
+                await asyncio.gather(*head.futures)
+            except Exception as exc:
+                for entry in self._queue:  # the first failure is the one reported
+                    for future in entry.futures:
+                        if future.done() and not future.cancelled():
+                            future.exception()
+                raise StageFailed(f"an output of {head.topic}[{head.partition}]@{head.offset} was not "
+                                  f"acknowledged: {exc}") from exc
+            while self._queue and all(_succeeded(f) for f in self._queue[0].futures):
+                entry = self._queue.popleft()
+                self._on_done(entry.payload)
+                self.done[(entry.topic, entry.partition)] = entry.offset + 1
+            self._space.set()
+
+
+class KafkaStage:
+    """Runs ``handle`` on every record of ``topics``; ``produce`` is how it writes its outputs."""
+
+    def __init__(self, topology: Topology, stage: str, topics: Sequence[str], handle: Handler,
+                 on_done: Callable[[Any], None], *, max_in_flight: int = 1024) -> None:
+        base = topology.kafka.librdkafka_config()
+        self.group = topology.topic_names.stage_group(stage)
+        self.topics = list(topics)
+        self.consumer = Consumer({**base, "group.id": self.group, "enable.auto.commit": False,
+                                  "auto.offset.reset": "earliest", "enable.partition.eof": False,
+                                  # a dead worker's partitions move on after 10 s, as the Faust stages'
+                                  "session.timeout.ms": 10000, "heartbeat.interval.ms": 2000,
+                                  "queued.max.messages.kbytes": 32768})
+        # murmur2 as Java clients (and aiokafka, which routed before) place keys; acks=all, idempotent.
+        self.producer = Producer({**base, "enable.idempotence": True, "acks": "all", "linger.ms": 0,
+                                  "partitioner": "murmur2_random", "message.max.bytes": MAX_RECORD_BYTES})
+        self.ledger = Ledger(on_done, max_in_flight)
+        self._handle = handle
+        self._committed: dict[tuple[str, int], int] = {}
+        self._generation = 0  # bumped on every revoke: polls handed over before it are dropped
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stop, self._deliveries_stop = threading.Event(), threading.Event()
+        self._reader_failed: asyncio.Future[None] | None = None
+        self._handoff = threading.Semaphore(MAX_HANDOFF_BATCHES)
+        self._due: dict[tuple[str, int], int] = {}  # for the consumer thread to commit
+        self._due_lock = threading.Lock()
+        self._polls: asyncio.Queue[tuple[int, list[Message]]] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.ready = False
+        self._closing = False
+
+    async def produce(self, topic: str, key: bytes | None, value: bytes,
+                      headers: Sequence[tuple[str, bytes]] | None = None) -> asyncio.Future[Any]:
+        """Queue an output; the future is its acknowledgement (the message) or the error."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def delivered(err: Any, msg: Message) -> None:  # on the delivery thread
+            loop.call_soon_threadsafe(_settle, future, err, msg)
+
+        while True:
+            try:
+                self.producer.produce(topic, value, key=key, headers=list(headers or ()),
+                                      on_delivery=delivered)
+                return future
+            except BufferError:  # librdkafka's queue is full: the delivery thread empties it
+                await asyncio.sleep(0.005)
+
+    async def run(self) -> int:
+        """Until SIGTERM / SIGINT (0) or a failure: an output not acknowledged, the handler or the
+        consumer failing (70)."""
+        self._loop = loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        self._reader_failed = loop.create_future()
+        self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        reader = threading.Thread(target=self._read, name="kafka-stage-reader", daemon=True)
+        deliveries = threading.Thread(target=self._serve_deliveries, name="kafka-stage-deliveries",
+                                      daemon=True)
+        reader.start()
+        deliveries.start()
+        ledger, process = asyncio.ensure_future(self.ledger.run()), asyncio.ensure_future(self._process())
+        committing = asyncio.ensure_future(self._commit_every())
+        stopped = asyncio.ensure_future(stopping.wait())
+        code = 0
+        try:
+            done, _ = await asyncio.wait([stopped, ledger, process, self._reader_failed],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            failed = next((t.exception() for t in done if t is not stopped and t.exception()), None)
+            if failed is not None:
+                log.critical("%s; the worker stops so that no offset past it is committed", failed)
+                code = EX_SOFTWARE
+        finally:
+            self._stop.set()
+            await asyncio.to_thread(reader.join)
+            self._generation += 1  # the record under way is finished, polls not begun are read again
+            if code == 0:
+                await self._idle.wait()
+            process.cancel()
+            if code == 0:
+                await self.ledger.drained()
+            ledger.cancel()
+            committing.cancel()
+            stopped.cancel()
+            self._commit()  # the consumer thread has ended: this one commits
+            with self._due_lock:
+                due, self._due = self._due, {}
+            if due:
+                await asyncio.to_thread(self._commit_now, due)
+            self._closing = True
+            self._deliveries_stop.set()
+            await asyncio.to_thread(deliveries.join)
+            await asyncio.to_thread(self.producer.flush, 30)
+            await asyncio.to_thread(self.consumer.close)
+        return code
+
+    def _read(self) -> None:
+        """The consumer's thread: polls, and commits between polls (a synchronous commit from another
+        thread waited for as long as a poll was under way)."""
+        assert self._loop is not None
+        try:
+            while not self._stop.is_set():
+                with self._due_lock:
+                    due, self._due = self._due, {}
+                if due:
+                    self._commit_now(due)
+                messages = self.consumer.consume(1, 0.1)
+                if not messages:
+                    continue
+                messages += self.consumer.consume(MAX_POLL_RECORDS - 1, 0)  # what came along, no waiting
+                while not self._handoff.acquire(timeout=0.1):
+                    if self._stop.is_set():
+                        return
+                self._loop.call_soon_threadsafe(self._polls.put_nowait, (self._generation, messages))
+        except BaseException as exc:  # a rebalance callback or the client failed: end the worker
+            self._loop.call_soon_threadsafe(_fail, self._reader_failed, exc)
+
+    def _serve_deliveries(self) -> None:
+        while not self._deliveries_stop.is_set():
+            self.producer.poll(0.05)
+
+    async def _process(self) -> None:
+        while True:
+            generation, messages = await self._polls.get()
+            self._handoff.release()
+            self._idle.clear()
+            try:
+                for message in messages:
+                    if generation != self._generation:
+                        break  # revoked meanwhile
+                    if message.error() is not None:
+                        log.warning("%s: consumer error %s", self.group, message.error())
+                        continue
+                    futures, payload = await self._handle(message)
+                    await self.ledger.add(message.topic(), message.partition(), message.offset(), futures,
+                                          payload)
+            finally:
+                self._idle.set()
+
+    async def _commit_every(self) -> None:
+        while True:
+            await asyncio.sleep(COMMIT_INTERVAL_S)
+            self._commit()
+
+    def _commit(self) -> None:
+        """Done inputs not committed yet, for the consumer thread."""
+        due = {tp: offset for tp, offset in self.ledger.done.items() if self._committed.get(tp) != offset}
+        with self._due_lock:
+            self._due.update(due)
+
+    def _commit_now(self, due: dict[tuple[str, int], int]) -> None:
+        try:
+            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in due.items()],
+                                 asynchronous=False)
+        except KafkaException as exc:  # e.g. a rebalance under way: the next commit tries again
+            log.warning("%s: commit failed, tried again: %s", self.group, exc)
+            return
+        self._committed.update(due)
+
+    async def _settle(self) -> dict[tuple[str, int], int]:
+        """On the loop, for a revoke: the record under way finished, every output acknowledged."""
+        await self._idle.wait()
+        await self.ledger.drained()
+        return {tp: offset for tp, offset in self.ledger.done.items() if self._committed.get(tp) != offset}
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._generation += 1
+        assert self._loop is not None
+        if self._closing:  # leaving the group after the last commit
+            return
+        try:
+            due = asyncio.run_coroutine_threadsafe(self._settle(), self._loop).result(REVOKE_TIMEOUT_S)
+        except Exception as exc:  # the loop failed or is stopping: what was committed stands
+            log.warning("%s: partitions revoked before their outputs settled: %s", self.group, exc)
+        else:
+            if due:
+                self._commit_now(due)
+        self.ledger.done.clear()
+        self._committed.clear()
+        with self._due_lock:
+            self._due.clear()  # committed above, or no longer ours to commit
+        log.info("%s: revoked %d partitions", self.group, len(partitions))
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("%s: assigned %s", self.group, ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
+        if not self.ready:
+            self.ready = True
+            log.info("Worker ready")
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(gc_pauses.settle)
+
+
+def _fail(future: asyncio.Future[Any] | None, exc: BaseException) -> None:
+    if future is not None and not future.done():
+        future.set_exception(exc)
+
+
+def _settle(future: asyncio.Future[Any], err: Any, msg: Message) -> None:
+    if future.done():
+        return
+    if err is not None:
+        future.set_exception(KafkaException(err))
+    else:
+        future.set_result(msg)
