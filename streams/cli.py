@@ -33,8 +33,9 @@ log = logging.getLogger("kotel.worker")
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
         "worker", help="run a stream stage worker (dedup, tail, route)",
-        description="Run one Faust worker of a stream stage. Workers of a stage started with the same "
-                    "topology form one consumer group and share the partitions.",
+        description="Run one worker of a stream stage (dedup and tail on Faust, route on librdkafka). "
+                    "Workers of a stage started with the same topology form one consumer group and share "
+                    "the partitions.",
     )
     parser.add_argument("stage", choices=sorted({*STAGES, *KAFKA_STAGES}), help="the stage to run")
     parser.add_argument("--topology", required=True, metavar="FILE", help="topology file")
@@ -104,7 +105,6 @@ def _run(args: argparse.Namespace) -> int:
             print(exc, file=sys.stderr)
             return 2
         finally:
-            gc_pauses.settle()
             lock.close()
     app = create_app(topology, args.stage, data_dir=data_dir, web_port=args.web_port)
     bind(app, topology)

@@ -3,10 +3,11 @@ event loop, outputs through an idempotent producer, input offsets committed once
 acknowledged.
 
 Why not Faust for a stage without state: Faust fetches with aiokafka on a thread of its own and hands
-every fetch and every record to the event loop in Python. For the routing stage at 20 records/s per
-signal that cost 5.4-5.7 ms per hop (p50; output p95 11-15 ms) and 14 % of a core, against 1.3-1.5 ms
-and 2.4 % for librdkafka in and out (loadtest/hop_latency.py --stage route|forward), and in the latency
-scenario the routing step went from 6-7 / 13-16 ms (p50 / p95) to 2 / 4-6 ms (loadtest/results/stages.md).
+every fetch and every record to the event loop in Python. The routing worker on Faust added 5.4-5.7 ms
+per hop at 20 records/s per signal (p50; output p95 11-15 ms) at 14 % of a core; on this runtime 1.8-1.9
+ms (6-10 ms) at 4 % (loadtest/hop_latency.py --stage route), carries 3.5x the records
+(loadtest/route_bench.py), and in the latency scenario the routing step went from 6-8 / 13-26 ms (p50 /
+p95) to 2 / 5-9 ms (loadtest/results/stages.md, scenarios.md).
 
 Commits follow the rule of streams.app: inputs are handed to `Ledger` in consumption order with the
 delivery futures of their outputs, an input is done once they all succeeded and every earlier input is

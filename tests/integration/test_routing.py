@@ -366,3 +366,13 @@ def test_an_output_the_broker_refuses_ends_the_worker_before_its_input_is_commit
     assert s.committed([n.deduped("logs")]) == (1, 2)  # the record before it, not the refused one
     (out,) = s.read(topic)
     assert names(Signal.LOGS, out.value) == ["fits"]
+
+
+def test_a_topology_without_routing_exits_2_with_the_reason(tmp_path: Path) -> None:
+    topology = tmp_path / "topology.yaml"
+    topology.write_text("kafka: {bootstrap_servers: '127.0.0.1:9'}\n")
+    command = [sys.executable, "-m", "streams.cli", "worker", "route", "--topology", str(topology),
+               "--data-dir", str(tmp_path / "data")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "has no routing processor under gateway.processors" in done.stderr
