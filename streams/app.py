@@ -27,6 +27,7 @@ from faust.types import EventT, StreamT
 
 from kotel import gc_pauses
 from kotel.topology import Topology
+from streams.kafka_stage import MAX_RECORD_BYTES
 from streams.metadata_pacing import pace_metadata_retries
 from streams.telemetry import CONTENT_TYPE, WorkerMetrics
 
@@ -35,8 +36,7 @@ if TYPE_CHECKING:  # importing it first at runtime would run into kotel.topology
 
 log = logging.getLogger("kotel.worker")
 
-# Records of a few MiB must fit in one request; batches above the old 16 KiB default save round trips.
-_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+# Batches above the old 16 KiB default save round trips (records up to MAX_RECORD_BYTES fit a request).
 _MAX_BATCH_BYTES = 1024 * 1024
 # Per partition; a larger record still comes whole (KIP-74). aiokafka fetches a partition again only once
 # its buffered records are consumed: at 4 MiB the dedup worker waited for records most of the time
@@ -169,7 +169,7 @@ def create_app(topology: Topology, stage: str, *, data_dir: Path, web_port: int 
         producer_acks=-1,
         producer_linger_ms=_LINGER_MS.get(stage, 0),
         producer_max_batch_size=_MAX_BATCH_BYTES,
-        producer_max_request_size=_MAX_REQUEST_BYTES,
+        producer_max_request_size=MAX_RECORD_BYTES,
         consumer_max_fetch_size=_MAX_FETCH_BYTES,
         stream_wait_empty=True,
         stream_buffer_maxsize=_STREAM_BUFFER,

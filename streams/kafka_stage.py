@@ -42,7 +42,7 @@ COMMIT_INTERVAL_S = 1.0
 MAX_POLL_RECORDS = 500
 MAX_HANDOFF_BATCHES = 8  # polls waiting for the loop; beyond that the consumer thread waits
 REVOKE_TIMEOUT_S = 60.0
-MAX_RECORD_BYTES = 16 * 1024 * 1024  # as the Faust stages' producers (streams.app.MAX_REQUEST_BYTES)
+MAX_RECORD_BYTES = 16 * 1024 * 1024  # records of a few MiB fit one request; the Faust stages' too
 
 Handler = Callable[[Message], Awaitable[tuple[Sequence[asyncio.Future[Any]], Any]]]
 

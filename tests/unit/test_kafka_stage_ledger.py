@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from streams.kafka_stage import Ledger, StageFailed
+from kotel.topology import parse_topology
+from streams.kafka_stage import KafkaStage, Ledger, StageFailed
 
 
 def _future() -> asyncio.Future[Any]:
@@ -112,9 +113,6 @@ class _Message:
 
 async def test_polls_handed_over_before_a_revoke_are_dropped_not_handled() -> None:
     """Their partitions may be someone else's now, who reads them from the commit."""
-    from kotel.topology import parse_topology
-    from streams.kafka_stage import KafkaStage
-
     handled: list[int] = []
 
     async def handle(message: Any) -> tuple[list[asyncio.Future[Any]], None]:
