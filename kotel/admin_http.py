@@ -10,11 +10,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 class AdminServer:
     def __init__(
-        self, endpoint: str, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]
+        self, endpoint: str, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]],
+        before_scrape: Callable[[], None] | None = None,
     ) -> None:
         host, _, port = endpoint.rpartition(":")
         self.host, self.port = host, int(port)
         self._registry = registry
+        self._before_scrape = before_scrape  # refreshes gauges sampled at scrape time
         self._ready = ready
         self._runner: web.AppRunner | None = None
 
@@ -35,6 +37,8 @@ class AdminServer:
             await self._runner.cleanup()
 
     async def _serve_metrics(self, _: web.Request) -> web.Response:
+        if self._before_scrape is not None:
+            self._before_scrape()
         body = generate_latest(self._registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

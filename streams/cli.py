@@ -1,7 +1,7 @@
 """`kotel worker {dedup,tail,route} --topology FILE`: one worker of a stream stage.
 
-dedup and tail are Faust workers (tables in RocksDB); route, which keeps no state, runs on
-`streams.kafka_stage` (librdkafka in and out).
+tail is a Faust worker (tables in RocksDB); dedup and route run on `streams.kafka_stage` (librdkafka in
+and out; dedup keeps its RocksDB state and changelog itself).
 
 Also runnable without the entry point as ``python -m streams.cli worker dedup --topology FILE``.
 """
@@ -23,9 +23,9 @@ from kotel.logs import setup_logging
 from kotel.topology import Topology, TopologyError, load_topology
 
 # Stage name -> "module:function" binding to a Faust app; imported only when that stage runs.
-STAGES = {"dedup": "streams.stages.dedup:bind", "tail": "streams.stages.tail:bind"}
+STAGES = {"tail": "streams.stages.tail:bind"}
 # Stage name -> "module:function" running a stage without Faust: (topology, data_dir, web_port) -> exit code.
-KAFKA_STAGES = {"route": "streams.stages.routing:run"}
+KAFKA_STAGES = {"dedup": "streams.stages.dedup:run", "route": "streams.stages.routing:run"}
 
 log = logging.getLogger("kotel.worker")
 
@@ -33,7 +33,7 @@ log = logging.getLogger("kotel.worker")
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
         "worker", help="run a stream stage worker (dedup, tail, route)",
-        description="Run one worker of a stream stage (dedup and tail on Faust, route on librdkafka). "
+        description="Run one worker of a stream stage (tail on Faust, dedup and route on librdkafka). "
                     "Workers of a stage started with the same topology form one consumer group and share "
                     "the partitions.",
     )

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -42,9 +43,14 @@ COMMIT_INTERVAL_S = 1.0
 MAX_POLL_RECORDS = 500
 MAX_HANDOFF_BATCHES = 8  # polls waiting for the loop; beyond that the consumer thread waits
 REVOKE_TIMEOUT_S = 60.0
+HIGHWATER_INTERVAL_S = 1.0
 MAX_RECORD_BYTES = 16 * 1024 * 1024  # records of a few MiB fit one request; the Faust stages' too
 
 Handler = Callable[[Message], Awaitable[tuple[Sequence[asyncio.Future[Any]], Any]]]
+# A poll at once (stages that batch per partition): per input, in order, its futures and payload.
+BatchHandler = Callable[[list[Message]], Awaitable[list[tuple[Message, Sequence[asyncio.Future[Any]], Any]]]]
+# Called on the consumer's thread with the partitions assigned, before any of their records is handed over.
+Prepare = Callable[[list[TopicPartition]], None]
 
 
 class StageFailed(Exception):
@@ -117,10 +123,12 @@ class Ledger:
 
 
 class KafkaStage:
-    """Runs ``handle`` on every record of ``topics``; ``produce`` is how it writes its outputs."""
+    """Runs ``handle`` on every record of ``topics`` (or ``handle_batch`` on every poll); ``produce`` is how
+    it writes its outputs; ``prepare`` readies a stage's state for partitions being assigned."""
 
-    def __init__(self, topology: Topology, stage: str, topics: Sequence[str], handle: Handler,
-                 on_done: Callable[[Any], None], *, max_in_flight: int = 1024) -> None:
+    def __init__(self, topology: Topology, stage: str, topics: Sequence[str], handle: Handler | None,
+                 on_done: Callable[[Any], None], *, max_in_flight: int = 1024,
+                 handle_batch: BatchHandler | None = None, prepare: Prepare | None = None) -> None:
         base = topology.kafka.librdkafka_config()
         self.group = topology.topic_names.stage_group(stage)
         self.topics = list(topics)
@@ -133,7 +141,7 @@ class KafkaStage:
         self.producer = Producer({**base, "enable.idempotence": True, "acks": "all", "linger.ms": 0,
                                   "partitioner": "murmur2_random", "message.max.bytes": MAX_RECORD_BYTES})
         self.ledger = Ledger(on_done, max_in_flight)
-        self._handle = handle
+        self._handle, self._handle_batch, self._prepare = handle, handle_batch, prepare
         self._committed: dict[tuple[str, int], int] = {}
         self._generation = 0  # bumped on every revoke: polls handed over before it are dropped
         self._idle = asyncio.Event()
@@ -146,11 +154,17 @@ class KafkaStage:
         self._polls: asyncio.Queue[tuple[int, list[Message]]] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = False
+        # Kept here: confluent-kafka serialises a consumer's calls, so one from the loop waited for a poll.
+        self.assigned: set[tuple[str, int]] = set()
+        self.highwater: dict[tuple[str, int], int] = {}  # as of the last fetch, refreshed every second
+        self._highwater_at = 0.0
         self._closing = False
 
     async def produce(self, topic: str, key: bytes | None, value: bytes,
-                      headers: Sequence[tuple[str, bytes]] | None = None) -> asyncio.Future[Any]:
-        """Queue an output; the future is its acknowledgement (the message) or the error."""
+                      headers: Sequence[tuple[str, bytes]] | None = None, *, partition: int = -1,
+                      timestamp: int = 0) -> asyncio.Future[Any]:
+        """Queue an output (partition -1: by key; timestamp 0: now); the future is its acknowledgement (the
+        message) or the error."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
 
@@ -160,7 +174,7 @@ class KafkaStage:
         while True:
             try:
                 self.producer.produce(topic, value, key=key, headers=list(headers or ()),
-                                      on_delivery=delivered)
+                                      partition=partition, timestamp=timestamp, on_delivery=delivered)
                 return future
             except BufferError:  # librdkafka's queue is full: the delivery thread empties it
                 await asyncio.sleep(0.005)
@@ -169,6 +183,7 @@ class KafkaStage:
         """Until SIGTERM / SIGINT (0) or a failure: an output not acknowledged, the handler or the
         consumer failing (70)."""
         self._loop = loop = asyncio.get_running_loop()
+        gc_pauses.settle()  # the start-up heap; again once partitions are assigned
         stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
@@ -224,6 +239,8 @@ class KafkaStage:
                     due, self._due = self._due, {}
                 if due:
                     self._commit_now(due)
+                if time.monotonic() - self._highwater_at > HIGHWATER_INTERVAL_S:
+                    self._refresh_highwater()
                 messages = self.consumer.consume(1, 0.1)
                 if not messages:
                     continue
@@ -235,6 +252,13 @@ class KafkaStage:
         except BaseException as exc:  # a rebalance callback or the client failed: end the worker
             self._loop.call_soon_threadsafe(_fail, self._reader_failed, exc)
 
+    def _refresh_highwater(self) -> None:
+        self._highwater_at = time.monotonic()
+        for topic, partition in list(self.assigned):
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            if high is not None and high >= 0:
+                self.highwater[(topic, partition)] = int(high)
+
     def _serve_deliveries(self) -> None:
         while not self._deliveries_stop.is_set():
             self.producer.poll(0.05)
@@ -245,6 +269,10 @@ class KafkaStage:
             self._handoff.release()
             self._idle.clear()
             try:
+                if self._handle_batch is not None:
+                    await self._process_poll(generation, messages, self._handle_batch)
+                    continue
+                assert self._handle is not None
                 for message in messages:
                     if generation != self._generation:
                         break  # revoked meanwhile
@@ -256,6 +284,18 @@ class KafkaStage:
                                           payload)
             finally:
                 self._idle.set()
+
+    async def _process_poll(self, generation: int, messages: list[Message], handle: BatchHandler) -> None:
+        if generation != self._generation:
+            return  # revoked meanwhile
+        good = []
+        for message in messages:
+            if message.error() is not None:
+                log.warning("%s: consumer error %s", self.group, message.error())
+            else:
+                good.append(message)
+        for message, futures, payload in await handle(good):
+            await self.ledger.add(message.topic(), message.partition(), message.offset(), futures, payload)
 
     async def _commit_every(self) -> None:
         while True:
@@ -295,6 +335,7 @@ class KafkaStage:
         else:
             if due:
                 self._commit_now(due)
+        self.assigned.difference_update((p.topic, p.partition) for p in partitions)
         self.ledger.done.clear()
         self._committed.clear()
         with self._due_lock:
@@ -303,6 +344,9 @@ class KafkaStage:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("%s: assigned %s", self.group, ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
+        if self._prepare is not None and partitions:
+            self._prepare(partitions)  # an exception ends the worker (70) through the consumer thread
+        self.assigned.update((p.topic, p.partition) for p in partitions)
         if not self.ready:
             self.ready = True
             log.info("Worker ready")

@@ -1,252 +1,134 @@
 """The dedup stage: ``<prefix>.raw.<signal>`` -> ``<prefix>.deduped.<signal>``, same key, same headers.
 
-Batches. The agent admits records one by one into a buffer (`_Buffer`); a processor takes what Faust
-had already fetched for the stream (within 10 ms, at most ``_MAX_BATCH_RECORDS``) and handles it per
-partition: one identify pass, one
-state lookup, one RocksDB write batch and one changelog record per partition per batch, and one entry
-in `OrderedAcks` for the batch's records. Inside a batch identities are deduplicated across records,
-each record's items keep their order, and each record still gives at most one output (its key, headers
-and timestamp), so per-key order and the output itself are what record-at-a-time processing gave.
-Small records (the agent publishes one per service instance every few ms) made the per-record costs
-dominate: see loadtest/results/stages.md. State: `streams.stages.dedup_store`.
+Runs on `streams.kafka_stage` (librdkafka in and out): Faust's fetch path, which this stage used before,
+cost the hop ~6 ms at p50 of its 13-15 (loadtest/hop_latency.py); routing measured the same. State is
+`streams.stages.dedup_store` (RocksDB through rocksdict); recovery `streams.stages.dedup_recovery`.
+
+Batches. Each poll (what librdkafka had fetched, up to 500 records) is handled per partition: one
+identify pass, one state lookup, one RocksDB write batch and one changelog record per partition per poll.
+Inside a batch identities are deduplicated across records, each record's items keep their order, and each
+record still gives at most one output (its key, headers and timestamp), so per-key order and the output
+itself are what record-at-a-time processing gave. A poll is not held back waiting for company: at a low
+rate each record goes alone, under load polls grow by themselves.
 
 Exactly once in effect after a crash. For each batch of a partition, in order: the outputs are produced
 and acknowledged, then the identities go to RocksDB and to the changelog (acknowledged), then the inputs
-are acked (and later committed). A worker taking over a partition therefore finds in the changelog every
+are done (and later committed). A worker taking over a partition therefore finds in the changelog every
 identity whose input was committed, and the only outputs it may not know about are those produced after
-the last changelogged one: before its first record it reads that tail of the output partition (the
-changelog records the output offset) and remembers those identities too, so reprocessed inputs drop them.
-Outputs go to partition ``input partition % output partitions`` so that tail is short and per-key order holds.
+the last changelogged one: recovery reads that tail of the output partition too. Outputs go to partition
+``input partition % output partitions`` so that tail is short and per-key order holds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence
 from itertools import compress
+from pathlib import Path
 from typing import Any
 
-import faust
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from faust.types import EventT, StreamT
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
 
+from kotel.admin_http import AdminServer
+from kotel.kafka.admin import ensure_topic
 from kotel.otlp import OtlpDecodeError, Signal, validate_request
 from kotel.topology import Topology
 from kotel.topology.processors import DedupConfig
-from streams.app import OrderedAcks, Pending, aiokafka_options, fatal, metrics_of
 from streams.deadletter import DeadLetter
-from streams.offset_guard import OffsetGuard
-from streams.stages.dedup_core import Record, decide, identify_record, identify_records
-from streams.stages.dedup_store import SeenTable, decode_changelog, encode_changelog
-
-__all__ = ["DedupStage", "SeenTable", "bind", "decode_changelog", "encode_changelog"]
+from streams.kafka_stage import KafkaStage
+from streams.stages.dedup_core import Record, decide, identify_records
+from streams.stages.dedup_recovery import PartitionReader, Recovery, changelog_spec, now_ms
+from streams.stages.dedup_store import SeenStore, encode_changelog
+from streams.telemetry import WorkerMetrics
 
 log = logging.getLogger("kotel.dedup")
 
-_MAX_IN_FLIGHT = 4096  # input records handed to OrderedAcks and not yet acked
-_MAX_BATCH_RECORDS = 512
-_MAX_BATCH_BYTES = 8 * 1024 * 1024
-_WITHIN_SECONDS = 0.01  # latency added at low rates; larger batches on a busy host
-_EAGER_BYTES = 512 * 1024  # a batch this large is taken at once
+MAX_IN_FLIGHT = 4096  # input records not yet done (outputs, state and changelog acknowledged)
+
+Entries = list[tuple[Message, Sequence[asyncio.Future[Any]], Any]]
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+class SignalDedup:
+    """One signal's dedup: its partitions' state, its outputs, its changelog."""
 
-
-class _Buffer:
-    """Admitted records between the agent and the batch processor.
-
-    Faust hands the agent about one record per event-loop turn, so what is buffered at any instant is a
-    record or two: while more records are on their way (``more_coming``: queued for the stream, or past
-    the last one in the log), the processor waits for them, up to ``_WITHIN_SECONDS`` after the first
-    record or until ``_EAGER_BYTES`` are there (large records gain little from waiting, and waiting
-    delays the next fetch). Otherwise it takes the batch at once: at a low rate a record is not held back
-    for company that is not coming (that cost every record ~10 ms, loadtest/hop_latency.py). `put` waits
-    while the buffer is full, which holds back Faust's fetcher.
-    """
-
-    def __init__(self, more_coming: Callable[[EventT], bool] = lambda _: True) -> None:
-        self._more_coming = more_coming
-        self._last: EventT | None = None
-        self.events: list[EventT] = []
-        self.bytes = 0
-        self.first = 0.0
-        self.arrived, self.ready, self.space = asyncio.Event(), asyncio.Event(), asyncio.Event()
-
-    def _is_full(self) -> bool:
-        return len(self.events) >= _MAX_BATCH_RECORDS or self.bytes >= _MAX_BATCH_BYTES
-
-    def _worth_it(self) -> bool:
-        return self.bytes >= _EAGER_BYTES or self._is_full()
-
-    async def put(self, event: EventT) -> None:
-        while self._is_full():
-            self.space.clear()
-            await self.space.wait()
-        if not self.events:
-            self.first = time.monotonic()
-        self.events.append(event)
-        self.bytes += len(event.message.value or b"")
-        self._last = event
-        self.arrived.set()
-        if self._worth_it() or not self._more_coming(event):
-            self.ready.set()
-
-    async def take(self) -> list[EventT]:
-        while not self.events:
-            self.arrived.clear()
-            await self.arrived.wait()
-        wait = self.first + _WITHIN_SECONDS - time.monotonic()
-        if wait > 0 and not self._worth_it() and self._last is not None and self._more_coming(self._last):
-            self.ready.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.ready.wait(), wait)
-        batch, self.events, self.bytes = self.events, [], 0
-        self.space.set()
-        return batch
-
-
-@dataclass(slots=True)
-class _Result:
-    """One partition's part of a batch, for `DedupStage._delivered`."""
-
-    partition: int
-    groups: list[tuple[int, list[bytes]]]  # (stream time, new identities) per record with any
-    output: asyncio.Future[Any] | None  # the last output's delivery
-
-
-class DedupStage:
-    """One signal's dedup: its table, its agent, its metrics."""
-
-    def __init__(self, app: faust.App, topology: Topology, signal: Signal, config: DedupConfig) -> None:
-        self.app, self.topology, self.signal = app, topology, signal
+    def __init__(self, stage: DedupStage, signal: Signal, config: DedupConfig, data_dir: Path) -> None:
+        topology = stage.topology
+        self.stage, self.signal = stage, signal
         self.window_ms = max(1, int(config.window.total_seconds() * 1000))
         names, topics = topology.topic_names, topology.topics
-        self.source = names.raw(signal)
-        self.target = names.deduped(signal)
+        self.source, self.target = names.raw(signal), names.deduped(signal)
         self.partitions = topics.resolve(self.source, topics.raw, signal).partitions
-        self.metrics = metrics_of(app)
-        self.deadletter = DeadLetter.for_app(app, topology)
-        self.table = SeenTable(app, name=f"seen-{signal}", window_ms=self.window_ms,
-                               partitions=self.partitions, key_type=bytes, value_type=bytes,
-                               beacon=app.tables.beacon, help=f"{signal} identities seen in the window")
-        self._pending: dict[int, set[bytes]] = defaultdict(set)
-        self._primed: dict[int, int] = {}
-        self._out_partitions = 0
+        self.changelog = changelog_spec(topology, signal, self.partitions, self.window_ms)
+        self.store = SeenStore(data_dir / f"seen-{signal.value}", window_ms=self.window_ms)
+        self.out_partitions = 0  # known once the topics are checked
+        self._pending: dict[int, set[bytes]] = defaultdict(set)  # produced, not yet in the state
+        self._persisting: dict[int, asyncio.Future[None]] = {}  # per partition, the last batch's
         self._processed: dict[int, int] = {}
 
-    def bind(self) -> None:
-        self.app.tables.add(self.table)
-        topic = self.app.topic(self.source, key_type=bytes, value_type=bytes, partitions=self.partitions)
-        self.app.agent(topic, name=f"dedup-{self.signal}")(self._agent)
-        self.guard = OffsetGuard(self.app, self.topology.kafka, [self.source])
-        self.metrics.add_sampler(self._sample)
+    def check_topics(self, admin: AdminClient) -> None:
+        """The output's partition count; the input must have the changelog's (the state's) count."""
+        found = {name: len(meta.partitions) for name, meta in
+                 admin.list_topics(timeout=15).topics.items() if meta.error is None}
+        if found.get(self.source) != self.partitions or not found.get(self.target):
+            raise ValueError(
+                f"{self.source} has {found.get(self.source, 0)} partitions and {self.target} "
+                f"{found.get(self.target, 0)} in Kafka, but the topology plans {self.partitions} for "
+                f"{self.source} (run `kotel topology apply`, and keep partition counts unchanged)")
+        self.out_partitions = found[self.target]
+        ensure_topic(admin, self.changelog)
 
-    async def _agent(self, stream: StreamT) -> None:
-        stream = stream.noack()
-        acks = OrderedAcks(stream, self._delivered, _MAX_IN_FLIGHT)
-        buffer = _Buffer(self._more_coming(stream))
-        handling = [0]
-        self.guard.hold_while("agent", lambda: bool(len(acks) or buffer.events or handling[0]))
-        processor = asyncio.ensure_future(self._process(buffer, acks, handling))
-        try:
-            async for event in stream.events():
-                if await self.guard.admit(event):  # per record, before it joins a batch
-                    await buffer.put(event)
-        finally:
-            processor.cancel()
-
-    def _more_coming(self, stream: StreamT) -> Callable[[EventT], bool]:
-        """Whether records past ``event`` are already on their way: queued in Faust for this stream, or in
-        the log beyond it (the partition's high watermark, as of the last fetch)."""
-        queue = getattr(stream.channel, "queue", None)
-        consumer = self.app.consumer
-
-        def more(event: EventT) -> bool:
-            if queue is not None and queue.qsize():
-                return True
-            highwater = consumer.highwater(event.message.tp)
-            return highwater is None or highwater > event.message.offset + 1
-
-        return more
-
-    async def _process(self, buffer: _Buffer, acks: OrderedAcks, handling: list[int]) -> None:
-        try:
-            while True:
-                batch = await buffer.take()
-                handling[0] = 1
-                await self._handle(batch, acks)
-                handling[0] = 0
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            fatal("the dedup stage failed on a batch of records", exc)
-
-    async def _handle(self, batch: list[EventT], acks: OrderedAcks) -> None:
-        by_partition: dict[int, list[EventT]] = defaultdict(list)
-        for event in batch:
-            by_partition[event.message.partition].append(event)
-        for partition, events in by_partition.items():
-            generation = events[0].message.generation_id
-            if self._primed.get(partition) != generation:
-                await self._prime(partition)
-                self._primed[partition] = generation
-            await self._handle_partition(partition, events, acks)
-
-    async def _handle_partition(self, partition: int, events: list[EventT], acks: OrderedAcks) -> None:
-        labels = self.metrics.stage, self.signal.value
-        self.metrics.records_in.labels(*labels).inc(len(events))
-        futures: list[asyncio.Future[Any]] = []
-        good: list[tuple[EventT, Record]] = []
-        records = identify_records(self.signal, [e.message.value or b"" for e in events])
-        for event, record in zip(events, records, strict=True):
+    async def handle(self, partition: int, messages: list[Message]) -> Entries:
+        metrics, labels = self.stage.metrics, (self.stage.metrics.stage, self.signal.value)
+        metrics.records_in.labels(*labels).inc(len(messages))
+        futures: dict[int, asyncio.Future[Any]] = {}  # message index -> its output or dead letter
+        good: list[tuple[int, Message, Record]] = []
+        records = identify_records(self.signal, [m.value() or b"" for m in messages])
+        for index, (msg, record) in enumerate(zip(messages, records, strict=True)):
             if isinstance(record, Record):
                 record = self._validated(record)
             if isinstance(record, Record):
-                good.append((event, record))
+                good.append((index, msg, record))
                 continue
-            msg = event.message
-            futures.append(await self.deadletter.submit(msg.value or b"", msg.key, str(record), msg.topic,
-                                                        msg.partition, msg.offset, list(msg.headers or ()),
-                                                        kind="invalid_otlp"))
-        now = _now_ms()
-        stamps = [min(int(e.message.timestamp * 1000), now) if e.message.timestamp else now for e, _ in good]
-        ids = [i for _, record in good for i in record.items.ids]
-        ends = [len(record.items.ids) for _, record in good]
+            futures[index] = await self.stage.deadletter.submit(
+                msg.value() or b"", msg.key(), str(record), msg.topic(), partition, msg.offset(),
+                list(msg.headers() or ()), kind="invalid_otlp")
+        now = now_ms()
+        stamps = [_stamp(msg, now) for _, msg, _ in good]
+        ids = [i for _, _, record in good for i in record.items.ids]
+        ends = [len(record.items.ids) for _, _, record in good]
         for r in range(1, len(ends)):
             ends[r] += ends[r - 1]
-        seen = self.table.store.lookup_batch(partition, ids, ends, stamps) if good else []
+        seen = self.store.lookup_batch(partition, ids, ends, stamps) if good else []
         pending = self._pending[partition]
         if not pending.isdisjoint(ids):
             seen = [hit or identity in pending for hit, identity in zip(seen, ids, strict=True)]
         keep, fresh = decide(ids, seen)  # across the batch's records too
-        self.metrics.items_in.labels(*labels).inc(len(keep))
-        self.metrics.duplicates.labels(*labels).inc(len(keep) - len(fresh))
+        metrics.items_in.labels(*labels).inc(len(keep))
+        metrics.duplicates.labels(*labels).inc(len(keep) - len(fresh))
         groups: list[tuple[int, list[bytes]]] = []
-        output = None
+        outputs: list[asyncio.Future[Any]] = []
         start = 0
-        producer = await self.app.maybe_start_producer()
-        for (event, record), stamp, end in zip(good, stamps, ends, strict=True):
+        for (index, msg, record), stamp, end in zip(good, stamps, ends, strict=True):
             flags = keep[start:end]
             value = record.output(self.signal, flags)
             if value is not None:
-                msg = event.message
-                output = await producer.send(self.target, msg.key, value,
-                                             partition=partition % self._out_partitions,
-                                             timestamp=msg.timestamp, headers=list(msg.headers or ()))
-                futures.append(output)
+                futures[index] = output = await self.stage.runtime.produce(
+                    self.target, msg.key(), value, list(msg.headers() or ()),
+                    partition=partition % self.out_partitions, timestamp=stamp)
+                outputs.append(output)
                 kept = record.items.ids if all(flags) else list(compress(record.items.ids, flags))
                 groups.append((stamp, kept))
             start = end
         pending.update(fresh)
-        await acks.submit_many(events, futures, _Result(partition, groups, output))
+        last = messages[-1].offset()
+        persisted = asyncio.ensure_future(self._persist(partition, self._persisting.get(partition), outputs,
+                                                        groups, last))
+        self._persisting[partition] = persisted
+        return [(msg, [f for f in (futures.get(i), persisted) if f is not None], None)
+                for i, msg in enumerate(messages)]
 
     def _validated(self, record: Record) -> Record | OtlpDecodeError:
         """Spans read on the wire were checked there (the hot path); decoded spans are checked inline by
@@ -258,91 +140,130 @@ class DedupStage:
                 return OtlpDecodeError(f"invalid OTLP {self.signal.item_name}: {'; '.join(problems)}")
         return record
 
-    async def _delivered(self, done: list[Pending]) -> list[asyncio.Future[Any]]:
-        """Outputs acknowledged: identities to RocksDB now and to the changelog, whose acknowledgements
-        `OrderedAcks` awaits before acking, without holding up the batches behind."""
-        labels = self.metrics.stage, self.signal.value
-        changelog = []
-        for pending in done:
-            msg = pending.event.message
-            self._processed[msg.partition] = msg.offset
-            result = pending.payload
-            if not isinstance(result, _Result) or not result.groups:
+    async def _persist(self, partition: int, previous: asyncio.Future[None] | None,
+                       outputs: list[asyncio.Future[Any]], groups: list[tuple[int, list[bytes]]],
+                       last_input: int) -> None:
+        """After the partition's earlier batches and this one's outputs: identities to RocksDB, then to
+        the changelog (acknowledged). A failure fails every later batch of the partition too."""
+        if previous is not None:
+            await previous
+        if outputs:
+            await asyncio.gather(*outputs)
+        self._processed[partition] = last_input
+        if not groups:
+            return
+        meta = outputs[-1].result()
+        out = (meta.partition(), meta.offset())
+        self.store.remember_groups(partition, groups, out)
+        self._pending[partition].difference_update(i for _, ids in groups for i in ids)
+        metrics, labels = self.stage.metrics, (self.stage.metrics.stage, self.signal.value)
+        metrics.items_out.labels(*labels).inc(sum(len(ids) for _, ids in groups))
+        metrics.records_out.labels(*labels).inc(len(groups))
+        logged = await self.stage.runtime.produce(self.changelog.name, b"%d" % last_input,
+                                                  encode_changelog(out, groups), partition=partition)
+        self.store.set_changelog_offset(partition, (await logged).offset())
+
+    def sample(self, assigned: set[tuple[str, int]]) -> None:
+        mine = [partition for topic, partition in assigned if topic == self.source]
+        metrics = self.stage.metrics
+        metrics.table_keys.labels(metrics.stage, f"seen-{self.signal.value}").set(
+            self.store.estimated_keys(mine))
+        highwater = self.stage.runtime.highwater
+        for partition in mine:
+            high = highwater.get((self.source, partition))
+            if partition in self._processed and high is not None:
+                lag = max(0, high - self._processed[partition] - 1)
+                metrics.consumer_lag.labels(metrics.stage, self.source, str(partition)).set(lag)
+
+
+def _stamp(msg: Message, now: int) -> int:
+    """Stream time of a record: its timestamp, never past the wall clock."""
+    kind, stamp = msg.timestamp()
+    return min(stamp, now) if kind != TIMESTAMP_NOT_AVAILABLE and stamp > 0 else now
+
+
+class DedupStage:
+    """One worker's dedup of every signal in ``gateway.dedup.signals``, sharing a consumer and producer."""
+
+    def __init__(self, topology: Topology, metrics: WorkerMetrics, data_dir: Path) -> None:
+        self.topology, self.metrics = topology, metrics
+        config = topology.gateway.dedup if topology.gateway is not None else DedupConfig()
+        self.signals = {s.source: s for s in (SignalDedup(self, Signal(name), config, data_dir)
+                                              for name in config.signals)}
+        self.runtime = KafkaStage(topology, "dedup", list(self.signals), None, lambda _: None,
+                                  max_in_flight=MAX_IN_FLIGHT, handle_batch=self._handle,
+                                  prepare=self._prepare)
+        self.deadletter = DeadLetter(topology, metrics, self.runtime.produce)
+        self._reader: PartitionReader | None = None
+        self._recoveries: dict[str, Recovery] = {}
+        metrics.add_sampler(self._sample)
+
+    def check_topics(self) -> None:
+        """Before joining the group (blocking): topics as planned, changelogs created."""
+        admin = AdminClient(self.topology.kafka.librdkafka_config())
+        for dedup in self.signals.values():
+            dedup.check_topics(admin)
+
+    async def _handle(self, messages: list[Message]) -> Entries:
+        by_partition: dict[tuple[str, int], list[Message]] = defaultdict(list)
+        for msg in messages:
+            by_partition[(msg.topic(), msg.partition())].append(msg)
+        entries: Entries = []
+        for (topic, partition), group in by_partition.items():
+            entries += await self.signals[topic].handle(partition, group)
+        return entries
+
+    def _prepare(self, partitions: list[TopicPartition]) -> None:
+        """On the consumer's thread, before any record of ``partitions`` is handed over."""
+        if self._reader is None:
+            config = self.topology.kafka.librdkafka_config()
+            self._reader = PartitionReader(config, self.runtime.group)
+        for tp in partitions:
+            dedup = self.signals.get(tp.topic)
+            if dedup is None:
                 continue
-            meta = result.output.result() if result.output is not None else None
-            out = (meta.partition, meta.offset) if meta is not None else (-1, -1)
-            self.table.store.remember_groups(result.partition, result.groups, out)
-            left = self._pending[result.partition]
-            for _, ids in result.groups:
-                left.difference_update(ids)
-            self.metrics.items_out.labels(*labels).inc(sum(len(ids) for _, ids in result.groups))
-            self.metrics.records_out.labels(*labels).inc(len(result.groups))
-            value = encode_changelog(out, result.groups)
-            changelog.append(self.table.send_changelog(result.partition, b"%d" % msg.offset, value))
-        return changelog
-
-    async def _prime(self, partition: int) -> None:
-        """Before a partition's first record: remember identities of outputs the changelog does not cover."""
-        consumer = AIOKafkaConsumer(**aiokafka_options(self.topology.kafka), enable_auto_commit=False,
-                                    group_id=None, auto_offset_reset="earliest")
-        await consumer.start()
-        try:
-            if not self._out_partitions:
-                self._out_partitions = await self._check_topics()
-            tp = TopicPartition(self.target, partition % self._out_partitions)
-            consumer.assign([tp])
-            end = (await consumer.end_offsets([tp]))[tp]
-            out_p, out_off = self.table.store.last_output(partition)
-            start = out_off + 1 if out_p == tp.partition and out_off >= 0 else None
-            by_time = (await consumer.offsets_for_times({tp: _now_ms() - self.window_ms}))[tp]
-            floor = by_time.offset if by_time is not None else end
-            start = floor if start is None else max(start, floor)
-            if start >= end:
-                return
-            consumer.seek(tp, start)
-            ids: list[bytes] = []
-            while await consumer.position(tp) < end:
-                for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
-                    if record.offset < end:
-                        ids.extend(identify_record(self.signal, record.value).items.ids)
-            stamp, covered = _now_ms(), (tp.partition, end - 1)
-            self.table.store.remember(partition, ids, stamp, covered)
-            await self.table.send_changelog(partition, b"prime", encode_changelog(covered, [(stamp, ids)]))
-            log.info("%s[%d]: %d identities from %d output records past the changelog", self.source,
-                     partition, len(ids), end - start)
-        finally:
-            await consumer.stop()
-
-    async def _check_topics(self) -> int:
-        """The output partition count; the input must have the table's count (the changelog's)."""
-        admin = AIOKafkaAdminClient(**aiokafka_options(self.topology.kafka))
-        await admin.start()
-        try:
-            found = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics([self.source,
-                                                                                          self.target])}
-        finally:
-            await admin.close()
-        if found.get(self.source) != self.partitions or not found.get(self.target):
-            fatal(f"{self.source} has {found.get(self.source, 0)} partitions and {self.target} "
-                  f"{found.get(self.target, 0)} in Kafka, but the topology plans {self.partitions} for "
-                  f"{self.source} (run `kotel topology apply`, and keep partition counts unchanged)")
-        return found[self.target]
+            recovery = self._recoveries.get(tp.topic)
+            if recovery is None:
+                recovery = self._recoveries[tp.topic] = Recovery(
+                    dedup.signal, dedup.store, self._reader, self.runtime.producer,
+                    changelog=dedup.changelog.name, target=dedup.target, out_partitions=dedup.out_partitions)
+            recovery.recover(tp.partition)
 
     def _sample(self) -> None:
-        keys = self.table.store.estimated_keys()
-        self.metrics.table_keys.labels(self.metrics.stage, self.table.name).set(keys)
-        consumer = self.app.consumer
-        for tp in consumer.assignment():
-            if tp.topic != self.source or tp.partition not in self._processed:
-                continue
-            highwater = consumer.highwater(tp)
-            if highwater is not None:
-                lag = max(0, highwater - self._processed[tp.partition] - 1)
-                self.metrics.consumer_lag.labels(self.metrics.stage, tp.topic, str(tp.partition)).set(lag)
+        assigned = set(self.runtime.assigned)
+        for dedup in self.signals.values():
+            dedup.sample(assigned)
+
+    def close(self) -> None:
+        for dedup in self.signals.values():
+            dedup.store.close()
+        if self._reader is not None:
+            self._reader.consumer.close()
 
 
-def bind(app: faust.App, topology: Topology) -> None:
-    """Register a dedup agent and table for each signal in ``gateway.dedup.signals``."""
-    config = topology.gateway.dedup if topology.gateway is not None else DedupConfig()
-    for signal in config.signals:
-        DedupStage(app, topology, Signal(signal), config).bind()
+def run(topology: Topology, data_dir: Path, web_port: int | None) -> int:
+    """Entry point of `kotel worker dedup`: deduplicate until SIGTERM; the exit code."""
+    stage = DedupStage(topology, WorkerMetrics("dedup"), data_dir)
+    stage.check_topics()
+    try:
+        return asyncio.run(_serve(stage, data_dir, web_port))
+    finally:
+        stage.close()
+
+
+async def _serve(stage: DedupStage, data_dir: Path, web_port: int | None) -> int:
+    runtime = stage.runtime
+
+    def ready() -> tuple[bool, str]:
+        return runtime.ready, "partitions assigned and recovered" if runtime.ready else "joining the group"
+
+    admin = AdminServer(f"127.0.0.1:{web_port or 0}", stage.metrics.registry, ready,
+                        before_scrape=stage.metrics.sample)
+    await admin.start()
+    (data_dir / "web_port").write_text(f"{admin.port}\n", encoding="utf-8")
+    log.info("worker dedup: consuming %s as group %s, state %s, metrics http://127.0.0.1:%d/metrics",
+             ", ".join(stage.signals), runtime.group, data_dir, admin.port)
+    try:
+        return await runtime.run()
+    finally:
+        await admin.stop()

@@ -25,14 +25,12 @@ from __future__ import annotations
 import struct
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import accumulate, chain, repeat
+from pathlib import Path
 from typing import Any
 
-import faust
 import numpy as np
-from faust.stores.rocksdb import Store as RocksStore
-from faust.types import TP
 from rocksdict import (
     BlockBasedOptions,
     Cache,
@@ -48,6 +46,7 @@ from streams.stages.dedup_core import IDENTITY_SIZE
 
 _META = b"kotel\0dedup\0meta"  # default column family: stream time and the last output covered
 _META_FMT = struct.Struct(">qiq")  # stream time ms, output partition, output offset (-1: none)
+_CHANGELOG_OFFSET = b"kotel\0dedup\0changelog"  # the last changelog record the state includes
 _TS = struct.Struct(">q")
 _BLOCK_CACHE_BYTES = 40 * 1024 * 1024  # per table; memtables are charged to it as well
 # All memtables of a table together: past this, the largest is flushed. Small memtables flush cheaper (the
@@ -147,6 +146,8 @@ class _Partition:
                 self.buckets[int(name[4:])] = db.get_column_family(name)
         raw = db.get(_META)
         self.stream_ms, self.out_partition, self.out_offset = _META_FMT.unpack(raw) if raw else (0, -1, -1)
+        raw = db.get(_CHANGELOG_OFFSET)
+        self.changelog_offset: int = _TS.unpack(raw)[0] if raw else -1
 
     def handle(self, index: int) -> Any:
         """The column family handle of bucket ``index``, created (with a filter) on first use."""
@@ -195,12 +196,15 @@ class _Partition:
             self.drop_filter(index)
 
 
-class IdentityStore(RocksStore):
-    """Faust's RocksDB store (rocksdict), keyed by identity instead of by table key; see module doc."""
+class SeenStore:
+    """The identities of one signal's partitions, a RocksDB per partition under ``path``; see module doc.
 
-    def __init__(self, *args: Any, window_ms: int, bloom_budget: int = BLOOM_BUDGET, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.window_ms = window_ms
+    Partitions are opened when assigned and kept open after a revoke: a partition that comes back finds
+    its state and reads only the changelog past its `changelog_offset`.
+    """
+
+    def __init__(self, path: Path, *, window_ms: int, bloom_budget: int = BLOOM_BUDGET) -> None:
+        self.path, self.window_ms = path, window_ms
         self._parts: dict[int, _Partition] = {}
         self._budget = [bloom_budget]  # shared by the partitions' filters
         cache = Cache(_BLOCK_CACHE_BYTES)
@@ -225,31 +229,28 @@ class IdentityStore(RocksStore):
         cf.set_memtable_whole_key_filtering(True)
         cf.set_write_buffer_size(16 * 1024 * 1024)
 
-    def _open_for_partition(self, partition: int) -> Rdict:
-        path = str(self.partition_path(partition))
-        names = Rdict.list_cf(path) if (self.partition_path(partition) / "CURRENT").exists() else []
-        families = {name: self._cf_options for name in names if name != "default"}
-        return Rdict(path, options=self._db_options, column_families=families or None)
+    def partition_path(self, partition: int) -> Path:
+        return self.path / f"{partition}.db"
 
     def _state(self, partition: int) -> _Partition:
-        db = self._db_for_partition(partition)
         part = self._parts.get(partition)
-        if part is None or part.db is not db:
-            if part is not None:
-                part.close()
+        if part is None:
+            path = self.partition_path(partition)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            names = Rdict.list_cf(str(path)) if (path / "CURRENT").exists() else []
+            families = {name: self._cf_options for name in names if name != "default"}
+            db = Rdict(str(path), options=self._db_options, column_families=families or None)
             part = self._parts[partition] = _Partition(db, self._cf_options, self._budget)
         return part
 
-    def revoke_partitions(self, table: Any, tps: set[TP]) -> None:
-        super().revoke_partitions(table, tps)
-        for partition in [p for p in self._parts if p not in self._dbs]:
-            self._parts.pop(partition).close()  # the handles would keep a closed partition's DB open
+    def open(self, partition: int) -> None:
+        self._state(partition)
 
-    async def stop(self) -> None:
+    def close(self) -> None:
         for part in self._parts.values():
             part.close()
+            part.db.close()
         self._parts.clear()
-        await super().stop()
 
     def lookup(self, partition: int, ids: Sequence[bytes], now_ms: int) -> list[bool]:
         """Whether each identity was seen within the window before ``now_ms`` (stream time)."""
@@ -320,24 +321,33 @@ class IdentityStore(RocksStore):
         part = self._state(partition)
         return part.out_partition, part.out_offset
 
-    def apply_changelog_batch(self, batch: Any, to_key: Any, to_value: Any) -> None:
-        """Recovery and standbys: each changelog record is an output offset plus the identities it adds."""
-        offsets: dict[TP, int] = {}
-        for event in batch:
-            msg = event.message
-            offsets[msg.tp] = max(msg.offset, offsets.get(msg.tp, -1))
-            found = decode_changelog(msg.value)
-            if found is not None:
-                self.remember_groups(msg.partition, found[1], found[0])
-        for tp, offset in offsets.items():
-            self.set_persisted_offset(tp, offset)
+    def changelog_offset(self, partition: int) -> int:
+        """The last changelog offset this partition's state includes (-1: none)."""
+        return self._state(partition).changelog_offset
 
-    def estimated_keys(self) -> int:
-        """Identities held for the active partitions (standby copies excluded), as RocksDB estimates."""
-        topic = self.table.changelog_topic_name  # type: ignore[attr-defined]
-        active = {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == topic}
+    def set_changelog_offset(self, partition: int, offset: int) -> None:
+        part = self._state(partition)
+        if offset > part.changelog_offset:
+            part.changelog_offset = offset
+            part.db.put(_CHANGELOG_OFFSET, _TS.pack(offset))
+
+    def apply_changelog(self, partition: int, records: Sequence[tuple[int, bytes | None]]) -> int:
+        """Recovery: each changelog record (offset, value) is an output offset plus the identities it
+        adds; returns how many records were ours to read."""
+        read = 0
+        for _, value in records:
+            found = decode_changelog(value)
+            if found is not None:
+                self.remember_groups(partition, found[1], found[0])
+                read += 1
+        if records:
+            self.set_changelog_offset(partition, records[-1][0])
+        return read
+
+    def estimated_keys(self, partitions: Iterable[int]) -> int:
+        """Identities held for ``partitions``, as RocksDB estimates."""
         return sum(cf.property_int_value("rocksdb.estimate-num-keys") or 0
-                   for partition, part in self._parts.items() if partition in active
+                   for partition in partitions if (part := self._parts.get(partition)) is not None
                    for cf in part.buckets.values())
 
 
@@ -378,23 +388,3 @@ def decode_changelog(value: bytes | None) -> tuple[tuple[int, int], list[tuple[i
         return None
     stamp, out_p, out_off = _V1.unpack_from(value)
     return (out_p, out_off), [(stamp, [value[i:i + size] for i in range(_V1.size, len(value), size)])]
-
-
-class SeenTable(faust.Table):
-    """A table whose store is an `IdentityStore`; its changelog expires by time instead of compaction."""
-
-    def __init__(self, app: faust.App, *, window_ms: int, **kwargs: Any) -> None:
-        self.window_ms = window_ms
-        retention = 3 * window_ms
-        kwargs["extra_topic_configs"] = {"cleanup.policy": "delete", "retention.ms": str(retention),
-                                         "segment.ms": str(max(window_ms, 60_000))}
-        super().__init__(app, **kwargs)
-
-    def _new_store_by_url(self, url: Any) -> IdentityStore:
-        return IdentityStore(url, self.app, self, table_name=self.name, key_type=bytes, value_type=bytes,
-                             key_serializer="raw", value_serializer="raw", loop=self.loop,
-                             options=self.options, window_ms=self.window_ms)
-
-    @property
-    def store(self) -> IdentityStore:
-        return self.data  # type: ignore[return-value]

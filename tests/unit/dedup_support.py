@@ -7,10 +7,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import faust
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from streams.stages.dedup_store import IdentityStore, SeenTable
+from streams.stages.dedup_store import SeenStore
 
 RES = {"service.name": "shop", "service.instance.id": "shop-1"}
 
@@ -22,15 +21,10 @@ def spans(*numbers: int, start: int = 1000, name: str = "op") -> list[Span]:
 
 
 @contextmanager
-def seen_store(tmp_path: Path, partitions: int = 2) -> Iterator[IdentityStore]:
-    """A 10 s window store on local RocksDB under ``tmp_path``, no broker needed.
-
-    Its partitions are dropped on exit: their handles would otherwise keep the RocksDB files open.
-    """
-    app = faust.App("dedup-unit", store="rocksdb://", datadir=str(tmp_path))
-    table = SeenTable(app, name="seen", window_ms=10_000, partitions=partitions, key_type=bytes,
-                      value_type=bytes)
+def seen_store(tmp_path: Path) -> Iterator[SeenStore]:
+    """A 10 s window store on local RocksDB under ``tmp_path``, no broker needed; closed on exit."""
+    store = SeenStore(tmp_path / "seen", window_ms=10_000)
     try:
-        yield table.store
+        yield store
     finally:
-        table.store._parts.clear()
+        store.close()

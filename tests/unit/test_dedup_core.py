@@ -315,7 +315,7 @@ def test_bloom_filter_memory_is_bounded_and_a_bucket_past_it_is_unfiltered(tmp_p
     assert filt.maybe(words[:190_000]).all() and filt.maybe(words[190_000:]).mean() < 0.03
     assert len(filt.layers) == 2 and budget[0] == (800 - 384) << 10  # 64k + 128k identities in 384 KiB
     assert not filt.add(words[190_000:], budget)  # a third layer (512 KiB) would pass the budget
-    with seen_store(tmp_path, partitions=1) as store:
+    with seen_store(tmp_path) as store:
         store._budget[0] = 1000  # less than one layer: every bucket is unfiltered
         rng = random.Random(5)
         ids = [rng.randbytes(16) for _ in range(101)]

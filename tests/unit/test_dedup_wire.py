@@ -164,24 +164,23 @@ def store(tmp_path: Path) -> Iterator[Any]:
         yield opened
 
 
-def test_store_recovers_from_changelog_records(store: Any) -> None:
-    class Msg:
-        def __init__(self, offset: int, value: bytes) -> None:
-            self.tp, self.partition, self.offset, self.value = ("cl", 1), 1, offset, value
-
-    class Event:
-        def __init__(self, offset: int, value: bytes) -> None:
-            self.message = Msg(offset, value)
-
+def test_store_recovers_from_changelog_records_and_keeps_its_place(tmp_path: Path) -> None:
     t0 = 2_000_000_000_000
     ids = [bytes([i]) * 16 for i in range(3)]
-    store.set_persisted_offset = lambda tp, offset: None
     stale = struct.pack(">qiq", t0, 1, 3) + ids[2]  # a record of the previous format
-    store.apply_changelog_batch([Event(0, encode_changelog((1, 7), [(t0, ids[:1]), (t0 + 1, ids[1:2])])),
-                                 Event(1, b"garbage"), Event(2, stale)], None, None)
-    assert store.lookup(1, [*ids, b"\x09" * 16], t0 + 1) == [True, True, True, False]
-    assert store.last_output(1) == (1, 7)
-    assert store._parts[1].filters  # the Bloom filter was rebuilt with the recovered identities
+    with seen_store(tmp_path) as store:
+        assert store.changelog_offset(1) == -1
+        read = store.apply_changelog(1, [(4, encode_changelog((1, 7), [(t0, ids[:1]), (t0 + 1, ids[1:2])])),
+                                         (5, b"garbage"), (6, stale)])
+        assert read == 2
+        assert store.lookup(1, [*ids, b"\x09" * 16], t0 + 1) == [True, True, True, False]
+        assert store.last_output(1) == (1, 7)
+        assert store._parts[1].filters  # the Bloom filter was rebuilt with the recovered identities
+    with seen_store(tmp_path) as reopened:  # a restart reads the changelog only past what it holds
+        assert reopened.changelog_offset(1) == 6 and reopened.changelog_offset(0) == -1
+        assert reopened.lookup(1, ids, t0 + 2) == [True, True, True]
+        reopened.set_changelog_offset(1, 5)  # never backwards
+        assert reopened.changelog_offset(1) == 6
 
 
 def test_the_span_loop_and_numpy_agree_on_every_span() -> None:
