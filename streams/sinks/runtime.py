@@ -4,9 +4,9 @@ A sink is a consumer group per exporter. Records are delivered in batches; each 
 OK, RETRY or PERMANENT. Permanent failures go to the dead-letter topic with the reason (and count as
 handled); retryable ones are retried with backoff, and when the circuit breaker opens the sink pauses
 its partitions — Kafka keeps the backlog, the sink's memory does not grow — and probes again after
-``open_duration``. Offsets are committed (synchronously, in order) after a batch is fully handled,
-never before; that commit overlaps the polling of the next batch. Records fetched again because a commit
-failed (broker out of reach, rebalance) are skipped when this process handled them already
+``open_duration``. Offsets are committed (in order) after a batch is fully handled, never before; the
+commit is sent as the next poll begins, its answer not waited for (the last one is). Records fetched again
+because a commit failed (broker out of reach, rebalance) are skipped when this process handled them already
 (`redelivery.HandledOffsets`).
 """
 
@@ -146,7 +146,7 @@ class SinkRunner:
         self.consumer = Consumer({**base, "group.id": self.group_id, "enable.auto.commit": False,
                                   "auto.offset.reset": "earliest", "enable.partition.eof": False,
                                   # bounded prefetch: a paused or slow sink must not hoard the backlog
-                                  "queued.max.messages.kbytes": 32768})
+                                  "queued.max.messages.kbytes": 32768, "on_commit": self._committed})
         self.dlq = Producer({**base, "enable.idempotence": True, "acks": "all"})
         self.dlq_topic = TopicNames(topology.topics.prefix).deadletter
         retry = retry or RetryConfig(max_elapsed_time="0s")  # a sink never gives up on a retryable record
@@ -165,12 +165,15 @@ class SinkRunner:
             raise ValueError(f"no tenant is routed to sink {self.name!r} (check gateway.processors.routing)")
         self.consumer.subscribe(self.topics)
         log.info("sink %s consuming %s as group %s", self.name, ", ".join(self.topics), self.group_id)
-        # A batch's commit runs while the next batch is polled (its round trip is off the records' path);
-        # commits stay in order: one is awaited before the next starts, and before the consumer closes.
-        committing: asyncio.Future[None] | None = None
+        # A batch's commit is sent, without waiting for its answer, by the thread that polls next, before it
+        # polls: confluent-kafka runs one call of a consumer at a time, so a synchronous commit from another
+        # thread waited for the poll under way (until the next record came) and held up the batch after.
+        # Commits go out in order on the coordinator's connection; the last one is waited for at the end.
+        due: dict[tuple[str, int], int] = {}
         try:
             while not stop.is_set():
-                batch = await asyncio.to_thread(self._poll)
+                batch = await asyncio.to_thread(self._poll, due)
+                due = {}
                 batch.records, skipped = self.handled.fresh(batch.records)
                 if skipped:  # fetched again after a failed commit: delivered by this process already
                     self.metrics.redelivered.labels(self.name).inc(skipped)
@@ -178,17 +181,17 @@ class SinkRunner:
                     if batch.records and not await self._handle(batch, stop):
                         break  # stopped while retrying: nothing of this batch is committed
                     self.handled.handled(batch.offsets)
-                    if committing is not None:
-                        await committing
-                    committing = asyncio.ensure_future(asyncio.to_thread(self._commit, batch))
+                    due = batch.offsets
                 if time.monotonic() - self._last_lag > LAG_INTERVAL_SECONDS:
                     await asyncio.to_thread(self._update_lag)
         finally:
-            if committing is not None:
-                await committing
+            if due:
+                await asyncio.to_thread(self._commit, due, False)
             await asyncio.to_thread(self._close)
 
-    def _poll(self) -> _Batch:
+    def _poll(self, due: dict[tuple[str, int], int]) -> _Batch:
+        if due:
+            self._commit(due, True)
         batch = _Batch()
         prefix = self.topology.topics.prefix
         messages = self.consumer.consume(1, self.poll_timeout)
@@ -272,12 +275,19 @@ class SinkRunner:
             raise RuntimeError(f"dead-letter topic {self.dlq_topic} did not acknowledge within 30 s")
         self.metrics.dead_lettered.labels(self.name, reason.split(":")[0][:60]).inc()
 
-    def _commit(self, batch: _Batch) -> None:
-        offsets = [TopicPartition(t, p, o) for (t, p), o in batch.offsets.items()]
+    def _commit(self, due: dict[tuple[str, int], int], asynchronous: bool) -> None:
+        offsets = [TopicPartition(t, p, o) for (t, p), o in due.items()]
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
         except Exception as exc:  # a rebalance took the partition: its new owner redelivers (at-least-once)
             log.warning("sink %s: commit failed (%s); records will be delivered again", self.name, exc)
+
+    def _committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """An asynchronous commit's answer (served by a later poll)."""
+        failed = [p for p in partitions if p.error is not None]
+        if err is not None or failed:
+            log.warning("sink %s: commit failed (%s); records will be delivered again", self.name,
+                        err or failed[0].error)
 
     def _update_lag(self) -> None:
         """Lag from the high watermarks the last fetches brought (no request to the broker).
