@@ -42,6 +42,7 @@ EX_SOFTWARE = 70
 COMMIT_INTERVAL_S = 1.0
 MAX_POLL_RECORDS = 500
 MAX_HANDOFF_BATCHES = 8  # polls waiting for the loop; beyond that the consumer thread waits
+MAX_HANDOFF_BYTES = 32 * 1024 * 1024  # or beyond this many bytes of record values (one poll always goes)
 REVOKE_TIMEOUT_S = 60.0
 HIGHWATER_INTERVAL_S = 1.0
 MAX_RECORD_BYTES = 16 * 1024 * 1024  # records of a few MiB fit one request; the Faust stages' too
@@ -122,6 +123,33 @@ class Ledger:
             self._space.set()
 
 
+class _Handoff:
+    """Polls handed to the loop and not begun: the consumer thread waits while there are too many or they
+    hold too many bytes (a backlog of large records would otherwise pile up in memory)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._polls = self._bytes = 0
+
+    def reserve(self, size: int, stop: threading.Event) -> bool:
+        """False when stopped while waiting."""
+        with self._changed:
+            while self._polls and (self._polls >= MAX_HANDOFF_BATCHES
+                                   or self._bytes + size > MAX_HANDOFF_BYTES):
+                if stop.is_set():
+                    return False
+                self._changed.wait(0.1)
+            self._polls += 1
+            self._bytes += size
+            return True
+
+    def release(self, size: int) -> None:
+        with self._changed:
+            self._polls -= 1
+            self._bytes -= size
+            self._changed.notify()
+
+
 class KafkaStage:
     """Runs ``handle`` on every record of ``topics`` (or ``handle_batch`` on every poll); ``produce`` is how
     it writes its outputs; ``prepare`` readies a stage's state for partitions being assigned."""
@@ -148,10 +176,10 @@ class KafkaStage:
         self._idle.set()
         self._stop, self._deliveries_stop = threading.Event(), threading.Event()
         self._reader_failed: asyncio.Future[None] | None = None
-        self._handoff = threading.Semaphore(MAX_HANDOFF_BATCHES)
+        self._handoff = _Handoff()
         self._due: dict[tuple[str, int], int] = {}  # for the consumer thread to commit
         self._due_lock = threading.Lock()
-        self._polls: asyncio.Queue[tuple[int, list[Message]]] = asyncio.Queue()
+        self._polls: asyncio.Queue[tuple[int, list[Message], int]] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = False
         # Kept here: confluent-kafka serialises a consumer's calls, so one from the loop waited for a poll.
@@ -245,10 +273,10 @@ class KafkaStage:
                 if not messages:
                     continue
                 messages += self.consumer.consume(MAX_POLL_RECORDS - 1, 0)  # what came along, no waiting
-                while not self._handoff.acquire(timeout=0.1):
-                    if self._stop.is_set():
-                        return
-                self._loop.call_soon_threadsafe(self._polls.put_nowait, (self._generation, messages))
+                size = sum(len(m.value() or b"") for m in messages)
+                if not self._handoff.reserve(size, self._stop):
+                    return
+                self._loop.call_soon_threadsafe(self._polls.put_nowait, (self._generation, messages, size))
         except BaseException as exc:  # a rebalance callback or the client failed: end the worker
             self._loop.call_soon_threadsafe(_fail, self._reader_failed, exc)
 
@@ -265,8 +293,8 @@ class KafkaStage:
 
     async def _process(self) -> None:
         while True:
-            generation, messages = await self._polls.get()
-            self._handoff.release()
+            generation, messages, size = await self._polls.get()
+            self._handoff.release(size)
             self._idle.clear()
             try:
                 if self._handle_batch is not None:

@@ -142,7 +142,7 @@ class AgentConfig(Model):
 
 
 class GatewayConfig(Model):
-    """The stream stages and sinks (seed §1.3): processors become Faust stages, exporters sinks.
+    """The stream stages and sinks (seed §1.3): processors become stream stages, exporters sinks.
 
     Without ``service``, each signal runs the canonical chain dedup -> tail_sampling (traces) ->
     routing over the processors that are defined, so the seed's gateway block works as written.

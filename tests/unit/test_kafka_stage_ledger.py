@@ -125,13 +125,34 @@ async def test_polls_handed_over_before_a_revoke_are_dropped_not_handled() -> No
     stage = KafkaStage(topology, "route", ["in"], handle, lambda _: None)
     process = asyncio.ensure_future(stage._process())
     try:
-        stage._polls.put_nowait((0, [_Message(0), _Message(1)]))
-        stage._polls.put_nowait((0, [_Message(2)]))  # polled before the revoke
+        stage._polls.put_nowait((0, [_Message(0), _Message(1)], 0))
+        stage._polls.put_nowait((0, [_Message(2)], 0))  # polled before the revoke
         stage._generation = 1  # the revoke
-        stage._polls.put_nowait((1, [_Message(2), _Message(3)]))  # read again from the commit
+        stage._polls.put_nowait((1, [_Message(2), _Message(3)], 0))  # read again from the commit
         for _ in range(20):
             await asyncio.sleep(0)
         assert handled == [2, 3]
     finally:
         process.cancel()
         stage.consumer.close()
+
+
+def test_the_consumer_thread_waits_while_handed_over_polls_hold_too_many_bytes() -> None:
+    import threading
+
+    from streams import kafka_stage
+
+    handoff, stop = kafka_stage._Handoff(), threading.Event()
+    big = kafka_stage.MAX_HANDOFF_BYTES
+    assert handoff.reserve(big + 1, stop)  # one poll always goes, however large
+    went = threading.Event()
+    waiter = threading.Thread(target=lambda: handoff.reserve(10, stop) and went.set())
+    waiter.start()
+    assert not went.wait(0.3)  # the first still holds more than the bound
+    handoff.release(big + 1)
+    assert went.wait(5)
+    waiter.join()
+    stop.set()
+    for _ in range(kafka_stage.MAX_HANDOFF_BATCHES - 1):
+        assert handoff.reserve(0, stop)
+    assert not handoff.reserve(0, stop)  # too many polls, and stopped meanwhile
