@@ -41,7 +41,7 @@ from streams.deadletter import DeadLetter
 from streams.kafka_stage import KafkaStage
 from streams.stages.dedup_core import Record, decide, identify_records
 from streams.stages.dedup_recovery import PartitionReader, Recovery, changelog_spec, now_ms
-from streams.stages.dedup_store import SeenStore, encode_changelog
+from streams.stages.dedup_store import SeenStore, changelog_records
 from streams.telemetry import WorkerMetrics
 
 log = logging.getLogger("kotel.dedup")
@@ -159,9 +159,10 @@ class SignalDedup:
         metrics, labels = self.stage.metrics, (self.stage.metrics.stage, self.signal.value)
         metrics.items_out.labels(*labels).inc(sum(len(ids) for _, ids in groups))
         metrics.records_out.labels(*labels).inc(len(groups))
-        logged = await self.stage.runtime.produce(self.changelog.name, b"%d" % last_input,
-                                                  encode_changelog(out, groups), partition=partition)
-        self.store.set_changelog_offset(partition, (await logged).offset())
+        logged = [await self.stage.runtime.produce(self.changelog.name, b"%d" % last_input, value,
+                                                   partition=partition)
+                  for value in changelog_records(out, groups)]
+        self.store.set_changelog_offset(partition, (await asyncio.gather(*logged))[-1].offset())
 
     def sample(self, assigned: set[tuple[str, int]]) -> None:
         mine = [partition for topic, partition in assigned if topic == self.source]

@@ -26,7 +26,7 @@ from kotel.otlp import Signal
 from kotel.topology import Topology
 from kotel.topology.topics import ResolvedTopic
 from streams.stages.dedup_core import identify_record
-from streams.stages.dedup_store import SeenStore, encode_changelog
+from streams.stages.dedup_store import SeenStore, changelog_records
 
 log = logging.getLogger("kotel.dedup")
 
@@ -134,7 +134,8 @@ class Recovery:
             return 0, 0
         stamp, covered = now_ms(), (out, end - 1)
         self.store.remember(partition, ids, stamp, covered)
-        offset = self._log(partition, encode_changelog(covered, [(stamp, ids)]))
+        for value in changelog_records(covered, [(stamp, ids)]):
+            offset = self._log(partition, value)
         self.store.set_changelog_offset(partition, offset)
         return len(ids), outputs
 

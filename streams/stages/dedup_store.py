@@ -368,6 +368,29 @@ def encode_changelog(out: tuple[int, int], groups: Groups) -> bytes:
         chain.from_iterable(ids for _, ids in groups))
 
 
+CHANGELOG_MAX_IDS = 32 * 1024  # per changelog record: 512 KiB of identities, under Kafka's 1 MiB default
+
+
+def changelog_records(out: tuple[int, int], groups: Groups, max_ids: int = CHANGELOG_MAX_IDS) -> list[bytes]:
+    """A batch's changelog values, each under the topic's record size limit (a batch can hold 100k ids)."""
+    records: list[bytes] = []
+    chunk: list[tuple[int, Sequence[bytes]]] = []
+    room = max_ids
+    for stamp, ids in groups:
+        at = 0
+        while at < len(ids):
+            part = ids[at:at + room]
+            chunk.append((stamp, part))
+            at += len(part)
+            room -= len(part)
+            if not room:
+                records.append(encode_changelog(out, chunk))
+                chunk, room = [], max_ids
+    if chunk or not records:
+        records.append(encode_changelog(out, chunk))
+    return records
+
+
 def decode_changelog(value: bytes | None) -> tuple[tuple[int, int], list[tuple[int, list[bytes]]]] | None:
     """(output offset covered, groups) of either format; None for a record we cannot read."""
     if not value:

@@ -16,7 +16,7 @@ from kotel.otlp import OtlpDecodeError, Signal, decode_protobuf, samples, spanwi
 from kotel.otlp.sizing import encode_varint
 from kotel.otlp.spanwire import read_many, read_many_python, read_spans
 from streams.stages.dedup_core import apply_keep, identify, identify_record, identify_records
-from streams.stages.dedup_store import decode_changelog, encode_changelog
+from streams.stages.dedup_store import changelog_records, decode_changelog, encode_changelog
 from tests.unit.dedup_support import RES, seen_store, spans
 from tests.unit.otlp_builders import build
 
@@ -201,3 +201,14 @@ def test_the_span_loop_and_numpy_agree_on_every_span() -> None:
     good = [i for i, bad in enumerate(loop[2]) if not bad]
     for i in good:
         assert loop[0][i * 34:(i + 1) * 34] == numpy[0][i * 34:(i + 1) * 34] and loop[1][i] == numpy[1][i]
+
+
+def test_a_large_batch_is_logged_in_records_under_the_size_limit_and_reads_back_whole() -> None:
+    groups = [(1000, [bytes([g, i % 256, i // 256]) * 5 + b"x" for i in range(700)]) for g in range(3)]
+    values = changelog_records((2, 41), groups, max_ids=1000)
+    assert len(values) == 3 and all(len(v) < 21 + 12 * 2 + 16 * 1000 + 1 for v in values)
+    back = [decode_changelog(v) for v in values]
+    assert all(found is not None and found[0] == (2, 41) for found in back)
+    read = [(stamp, i) for found in back if found for stamp, ids in found[1] for i in ids]
+    assert read == [(stamp, i) for stamp, ids in groups for i in ids]
+    assert changelog_records((0, 0), []) == [encode_changelog((0, 0), [])]
