@@ -43,6 +43,8 @@ COMMIT_INTERVAL_S = 1.0
 MAX_POLL_RECORDS = 500
 MAX_HANDOFF_BATCHES = 8  # polls waiting for the loop; beyond that the consumer thread waits
 MAX_HANDOFF_BYTES = 32 * 1024 * 1024  # or beyond this many bytes of record values (one poll always goes)
+MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024  # input bytes handled and not yet done (Ledger)
+MAX_QUEUED_OUTPUT_KBYTES = 64 * 1024  # librdkafka's producer queue (default 1 GiB): produce waits beyond
 REVOKE_TIMEOUT_S = 60.0
 HIGHWATER_INTERVAL_S = 1.0
 MAX_RECORD_BYTES = 16 * 1024 * 1024  # records of a few MiB fit one request; the Faust stages' too
@@ -65,6 +67,7 @@ class _Entry:
     offset: int
     futures: Sequence[asyncio.Future[Any]]
     payload: Any
+    size: int
 
 
 def _succeeded(future: asyncio.Future[Any]) -> bool:
@@ -73,11 +76,14 @@ def _succeeded(future: asyncio.Future[Any]) -> bool:
 
 class Ledger:
     """Inputs in consumption order until their outputs are acknowledged; ``done`` is, per partition, the
-    offset a commit may name (the next one to read). ``on_done`` sees each payload once, in order."""
+    offset a commit may name (the next one to read). ``on_done`` sees each payload once, in order.
+    ``add`` waits while ``max_in_flight`` inputs or ``max_bytes`` of them are not done: their outputs'
+    acknowledgements hold the output records (unbounded, a 15M-span backlog took dedup to 1.5 GiB RSS)."""
 
-    def __init__(self, on_done: Callable[[Any], None], max_in_flight: int = 1024) -> None:
+    def __init__(self, on_done: Callable[[Any], None], max_in_flight: int = 1024,
+                 max_bytes: int = MAX_IN_FLIGHT_BYTES) -> None:
         self._on_done = on_done
-        self._max = max_in_flight
+        self._max, self._max_bytes, self._bytes = max_in_flight, max_bytes, 0
         self._queue: deque[_Entry] = deque()
         self.done: dict[tuple[str, int], int] = {}
         self._wake, self._space, self._empty = asyncio.Event(), asyncio.Event(), asyncio.Event()
@@ -87,11 +93,12 @@ class Ledger:
         return len(self._queue)
 
     async def add(self, topic: str, partition: int, offset: int, futures: Sequence[asyncio.Future[Any]],
-                  payload: Any) -> None:
-        while len(self._queue) >= self._max:
+                  payload: Any, size: int = 0) -> None:
+        while len(self._queue) >= self._max or (self._queue and self._bytes + size > self._max_bytes):
             self._space.clear()
             await self._space.wait()
-        self._queue.append(_Entry(topic, partition, offset, futures, payload))
+        self._queue.append(_Entry(topic, partition, offset, futures, payload, size))
+        self._bytes += size
         self._empty.clear()
         self._wake.set()
 
@@ -118,6 +125,7 @@ class Ledger:
                                   f"acknowledged: {exc}") from exc
             while self._queue and all(_succeeded(f) for f in self._queue[0].futures):
                 entry = self._queue.popleft()
+                self._bytes -= entry.size
                 self._on_done(entry.payload)
                 self.done[(entry.topic, entry.partition)] = entry.offset + 1
             self._space.set()
@@ -167,7 +175,8 @@ class KafkaStage:
                                   "queued.max.messages.kbytes": 32768})
         # murmur2 as Java clients (and aiokafka, which routed before) place keys; acks=all, idempotent.
         self.producer = Producer({**base, "enable.idempotence": True, "acks": "all", "linger.ms": 0,
-                                  "partitioner": "murmur2_random", "message.max.bytes": MAX_RECORD_BYTES})
+                                  "partitioner": "murmur2_random", "message.max.bytes": MAX_RECORD_BYTES,
+                                  "queue.buffering.max.kbytes": MAX_QUEUED_OUTPUT_KBYTES})
         self.ledger = Ledger(on_done, max_in_flight)
         self._handle, self._handle_batch, self._prepare = handle, handle_batch, prepare
         self._committed: dict[tuple[str, int], int] = {}
@@ -309,7 +318,7 @@ class KafkaStage:
                         continue
                     futures, payload = await self._handle(message)
                     await self.ledger.add(message.topic(), message.partition(), message.offset(), futures,
-                                          payload)
+                                          payload, len(message.value() or b""))
             finally:
                 self._idle.set()
 
@@ -323,7 +332,8 @@ class KafkaStage:
             else:
                 good.append(message)
         for message, futures, payload in await handle(good):
-            await self.ledger.add(message.topic(), message.partition(), message.offset(), futures, payload)
+            await self.ledger.add(message.topic(), message.partition(), message.offset(), futures, payload,
+                                  len(message.value() or b""))
 
     async def _commit_every(self) -> None:
         while True:

@@ -94,9 +94,29 @@ async def test_adding_waits_while_max_in_flight_inputs_are_unacknowledged() -> N
         assert len(ledger) == 2
 
 
+async def test_inputs_holding_too_many_bytes_wait_for_earlier_ones_to_be_done() -> None:
+    ledger = Ledger(lambda _: None, max_in_flight=100, max_bytes=1000)
+    outputs = [_future() for _ in range(3)]
+    async with running(ledger):
+        await ledger.add("in", 0, 0, [outputs[0]], None, 5000)  # alone, any size goes
+        second = asyncio.ensure_future(ledger.add("in", 0, 1, [outputs[1]], None, 600))
+        await _settled()
+        assert not second.done()
+        outputs[0].set_result("ok")
+        await asyncio.wait_for(second, 1)
+        third = asyncio.ensure_future(ledger.add("in", 0, 2, [outputs[2]], None, 600))
+        await _settled()
+        assert not third.done()  # 600 + 600 > 1000
+        outputs[1].set_result("ok")
+        await asyncio.wait_for(third, 1)
+
+
 class _Message:
     def __init__(self, offset: int) -> None:
         self._offset = offset
+
+    def value(self) -> bytes:
+        return b""
 
     def topic(self) -> str:
         return "in"
