@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
@@ -54,6 +54,14 @@ Handler = Callable[[Message], Awaitable[tuple[Sequence[asyncio.Future[Any]], Any
 BatchHandler = Callable[[list[Message]], Awaitable[list[tuple[Message, Sequence[asyncio.Future[Any]], Any]]]]
 # Called on the consumer's thread with the partitions assigned, before any of their records is handed over.
 Prepare = Callable[[list[TopicPartition]], None]
+
+
+class Acked(NamedTuple):
+    """Where an output landed; not the delivered message, whose value would stay in memory meanwhile."""
+
+    topic: str
+    partition: int
+    offset: int
 
 
 class StageFailed(Exception):
@@ -200,13 +208,14 @@ class KafkaStage:
     async def produce(self, topic: str, key: bytes | None, value: bytes,
                       headers: Sequence[tuple[str, bytes]] | None = None, *, partition: int = -1,
                       timestamp: int = 0) -> asyncio.Future[Any]:
-        """Queue an output (partition -1: by key; timestamp 0: now); the future is its acknowledgement (the
-        message) or the error."""
+        """Queue an output (partition -1: by key; timestamp 0: now); the future is its acknowledgement
+        (`Acked`) or the error."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
 
         def delivered(err: Any, msg: Message) -> None:  # on the delivery thread
-            loop.call_soon_threadsafe(_settle, future, err, msg)
+            acked = None if err is not None else Acked(msg.topic(), msg.partition(), msg.offset())
+            loop.call_soon_threadsafe(_settle, future, err, acked)
 
         while True:
             try:
@@ -397,10 +406,10 @@ def _fail(future: asyncio.Future[Any] | None, exc: BaseException) -> None:
         future.set_exception(exc)
 
 
-def _settle(future: asyncio.Future[Any], err: Any, msg: Message) -> None:
+def _settle(future: asyncio.Future[Any], err: Any, acked: Acked | None) -> None:
     if future.done():
         return
     if err is not None:
         future.set_exception(KafkaException(err))
     else:
-        future.set_result(msg)
+        future.set_result(acked)

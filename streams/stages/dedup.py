@@ -153,7 +153,7 @@ class SignalDedup:
         if not groups:
             return
         meta = outputs[-1].result()
-        out = (meta.partition(), meta.offset())
+        out = (meta.partition, meta.offset)
         self.store.remember_groups(partition, groups, out)
         self._pending[partition].difference_update(i for _, ids in groups for i in ids)
         metrics, labels = self.stage.metrics, (self.stage.metrics.stage, self.signal.value)
@@ -162,7 +162,7 @@ class SignalDedup:
         logged = [await self.stage.runtime.produce(self.changelog.name, b"%d" % last_input, value,
                                                    partition=partition)
                   for value in changelog_records(out, groups)]
-        self.store.set_changelog_offset(partition, (await asyncio.gather(*logged))[-1].offset())
+        self.store.set_changelog_offset(partition, (await asyncio.gather(*logged))[-1].offset)
 
     def sample(self, assigned: set[tuple[str, int]]) -> None:
         mine = [partition for topic, partition in assigned if topic == self.source]

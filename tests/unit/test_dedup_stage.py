@@ -15,6 +15,7 @@ from kotel.otlp import Signal
 from kotel.topology import parse_topology
 from kotel.topology.processors import DedupConfig
 from streams.deadletter import DeadLetter
+from streams.kafka_stage import Acked
 from streams.stages import dedup
 from streams.stages.dedup_core import identify_record
 from streams.stages.dedup_store import changelog_records, decode_changelog
@@ -73,9 +74,9 @@ class _Runtime:
         return future
 
     def ack(self, topic_end: str, first_offset: int) -> None:
-        for offset, (_, partition, _, future) in enumerate(
+        for offset, (topic, partition, _, future) in enumerate(
                 [s for s in self.sent if s[0].endswith(topic_end) and not s[3].done()], first_offset):
-            future.set_result(_Message(offset, b"", partition))
+            future.set_result(Acked(topic, partition, offset))
 
 
 class _Stage:
