@@ -1,13 +1,12 @@
-"""A stateless stream stage on librdkafka: the consumer on a thread of its own, the stage's work on the
-event loop, outputs through an idempotent producer, input offsets committed once the outputs are
-acknowledged.
+"""A stream stage on librdkafka: the consumer on a thread of its own, the stage's work on the event loop,
+outputs through an idempotent producer, input offsets committed once the outputs are acknowledged.
 
-Why not Faust for a stage without state: Faust fetches with aiokafka on a thread of its own and hands
-every fetch and every record to the event loop in Python. The routing worker on Faust added 5.4-5.7 ms
-per hop at 20 records/s per signal (p50; output p95 11-15 ms) at 14 % of a core; on this runtime 1.8-1.9
-ms (6-10 ms) at 4 % (loadtest/hop_latency.py --stage route), carries 3.5x the records
-(loadtest/route_bench.py), and in the latency scenario the routing step went from 6-8 / 13-26 ms (p50 /
-p95) to 2 / 5-9 ms (loadtest/results/stages.md, scenarios.md).
+Why not Faust: Faust fetches with aiokafka on a thread of its own and hands every fetch and every record
+to the event loop in Python. At 20 records/s per signal a Faust hop added 5.4-5.7 ms (routing) and 7-8 ms
+(dedup) at p50, at 14-21 % of a core; on this runtime 1.8-2.5 ms at 4-9 % (loadtest/hop_latency.py), and
+draining a backlog routing carries 3.5x the records and dedup 1.8x the spans, 4x in small records
+(loadtest/results/stages.md). A stage with state keeps it itself: ``prepare`` runs on the consumer's
+thread when partitions are assigned, before any of their records is handed over (dedup's recovery).
 
 Commits follow the rule of streams.app: inputs are handed to `Ledger` in consumption order with the
 delivery futures of their outputs, an input is done once they all succeeded and every earlier input is
@@ -15,7 +14,7 @@ done, and only done inputs are committed (every ``COMMIT_INTERVAL_S``, on a reba
 A delivery that fails for good ends the worker (exit 70) before anything after it is committed.
 
 Rebalances are eager (every partition is revoked): inside the revoke callback the consumer thread waits
-until the loop has finished the record it is on and every output is acknowledged, and commits; records
+until the loop has finished the poll it is on and every output is acknowledged, and commits; records
 handed over but not begun are dropped (whoever gets their partition reads them again from the commit).
 """
 
@@ -26,15 +25,19 @@ import logging
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from kotel import gc_pauses
+from kotel.admin_http import AdminServer
 from kotel.topology import Topology
+from streams.ledger import Ledger, StageFailed
+from streams.telemetry import WorkerMetrics
+
+__all__ = ["MAX_RECORD_BYTES", "Acked", "KafkaStage", "Ledger", "StageFailed", "serve"]
 
 log = logging.getLogger("kotel.worker")
 
@@ -43,7 +46,6 @@ COMMIT_INTERVAL_S = 1.0
 MAX_POLL_RECORDS = 500
 MAX_HANDOFF_BATCHES = 8  # polls waiting for the loop; beyond that the consumer thread waits
 MAX_HANDOFF_BYTES = 32 * 1024 * 1024  # or beyond this many bytes of record values (one poll always goes)
-MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024  # input bytes handled and not yet done (Ledger)
 MAX_QUEUED_OUTPUT_KBYTES = 64 * 1024  # librdkafka's producer queue (default 1 GiB): produce waits beyond
 REVOKE_TIMEOUT_S = 60.0
 HIGHWATER_INTERVAL_S = 1.0
@@ -62,81 +64,6 @@ class Acked(NamedTuple):
     topic: str
     partition: int
     offset: int
-
-
-class StageFailed(Exception):
-    """An output was not acknowledged for good: nothing after its input may be committed."""
-
-
-@dataclass(slots=True)
-class _Entry:
-    topic: str
-    partition: int
-    offset: int
-    futures: Sequence[asyncio.Future[Any]]
-    payload: Any
-    size: int
-
-
-def _succeeded(future: asyncio.Future[Any]) -> bool:
-    return future.done() and not future.cancelled() and future.exception() is None
-
-
-class Ledger:
-    """Inputs in consumption order until their outputs are acknowledged; ``done`` is, per partition, the
-    offset a commit may name (the next one to read). ``on_done`` sees each payload once, in order.
-    ``add`` waits while ``max_in_flight`` inputs or ``max_bytes`` of them are not done: their outputs'
-    acknowledgements hold the output records (unbounded, a 15M-span backlog took dedup to 1.5 GiB RSS)."""
-
-    def __init__(self, on_done: Callable[[Any], None], max_in_flight: int = 1024,
-                 max_bytes: int = MAX_IN_FLIGHT_BYTES) -> None:
-        self._on_done = on_done
-        self._max, self._max_bytes, self._bytes = max_in_flight, max_bytes, 0
-        self._queue: deque[_Entry] = deque()
-        self.done: dict[tuple[str, int], int] = {}
-        self._wake, self._space, self._empty = asyncio.Event(), asyncio.Event(), asyncio.Event()
-        self._empty.set()
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    async def add(self, topic: str, partition: int, offset: int, futures: Sequence[asyncio.Future[Any]],
-                  payload: Any, size: int = 0) -> None:
-        while len(self._queue) >= self._max or (self._queue and self._bytes + size > self._max_bytes):
-            self._space.clear()
-            await self._space.wait()
-        self._queue.append(_Entry(topic, partition, offset, futures, payload, size))
-        self._bytes += size
-        self._empty.clear()
-        self._wake.set()
-
-    async def drained(self) -> None:
-        await self._empty.wait()
-
-    async def run(self) -> None:
-        """Until cancelled; raises `StageFailed` at the first output that failed for good."""
-        while True:
-            if not self._queue:
-                self._wake.clear()
-                self._empty.set()
-                await self._wake.wait()
-                continue
-            head = self._queue[0]
-            try:
-                await asyncio.gather(*head.futures)
-            except Exception as exc:
-                for entry in self._queue:  # the first failure is the one reported
-                    for future in entry.futures:
-                        if future.done() and not future.cancelled():
-                            future.exception()
-                raise StageFailed(f"an output of {head.topic}[{head.partition}]@{head.offset} was not "
-                                  f"acknowledged: {exc}") from exc
-            while self._queue and all(_succeeded(f) for f in self._queue[0].futures):
-                entry = self._queue.popleft()
-                self._bytes -= entry.size
-                self._on_done(entry.payload)
-                self.done[(entry.topic, entry.partition)] = entry.offset + 1
-            self._space.set()
 
 
 class _Handoff:
@@ -413,3 +340,22 @@ def _settle(future: asyncio.Future[Any], err: Any, acked: Acked | None) -> None:
         future.set_exception(KafkaException(err))
     else:
         future.set_result(acked)
+
+
+async def serve(runtime: KafkaStage, metrics: WorkerMetrics, data_dir: Path, web_port: int | None,
+                doing: str) -> int:
+    """A worker's life: /metrics, /healthz and /readyz on 127.0.0.1 (the port also in DATA_DIR/web_port),
+    then ``runtime`` until it stops; the exit code."""
+
+    def ready() -> tuple[bool, str]:
+        return runtime.ready, "partitions assigned" if runtime.ready else "joining the group"
+
+    admin = AdminServer(f"127.0.0.1:{web_port or 0}", metrics.registry, ready, before_scrape=metrics.sample)
+    await admin.start()
+    (data_dir / "web_port").write_text(f"{admin.port}\n", encoding="utf-8")
+    log.info("worker %s: %s as group %s, metrics http://127.0.0.1:%d/metrics", metrics.stage, doing,
+             runtime.group, admin.port)
+    try:
+        return await runtime.run()
+    finally:
+        await admin.stop()

@@ -29,16 +29,15 @@ from itertools import compress
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from kotel.admin_http import AdminServer
 from kotel.kafka.admin import ensure_topic
 from kotel.otlp import OtlpDecodeError, Signal, validate_request
 from kotel.topology import Topology
 from kotel.topology.processors import DedupConfig
 from streams.deadletter import DeadLetter
-from streams.kafka_stage import KafkaStage
+from streams.kafka_stage import KafkaStage, serve
 from streams.stages.dedup_core import Record, decide, identify_records
 from streams.stages.dedup_recovery import PartitionReader, Recovery, changelog_spec, now_ms
 from streams.stages.dedup_store import SeenStore, changelog_records
@@ -46,6 +45,7 @@ from streams.telemetry import WorkerMetrics
 
 log = logging.getLogger("kotel.dedup")
 
+EX_UNAVAILABLE = 69  # sysexits: Kafka out of reach at start (a supervisor such as `kotel up` starts it again)
 MAX_IN_FLIGHT = 4096  # input records not yet done (outputs, state and changelog acknowledged)
 
 Entries = list[tuple[Message, Sequence[asyncio.Future[Any]], Any]]
@@ -245,26 +245,14 @@ class DedupStage:
 def run(topology: Topology, data_dir: Path, web_port: int | None) -> int:
     """Entry point of `kotel worker dedup`: deduplicate until SIGTERM; the exit code."""
     stage = DedupStage(topology, WorkerMetrics("dedup"), data_dir)
-    stage.check_topics()
     try:
-        return asyncio.run(_serve(stage, data_dir, web_port))
+        stage.check_topics()
+    except KafkaException as exc:  # ValueError (topics not as planned) is the caller's: exit 2
+        log.error("cannot check the dedup topics in Kafka: %s", exc)
+        stage.close()
+        return EX_UNAVAILABLE
+    try:
+        return asyncio.run(serve(stage.runtime, stage.metrics, data_dir, web_port,
+                                 f"consuming {', '.join(stage.signals)}, state in {data_dir}"))
     finally:
         stage.close()
-
-
-async def _serve(stage: DedupStage, data_dir: Path, web_port: int | None) -> int:
-    runtime = stage.runtime
-
-    def ready() -> tuple[bool, str]:
-        return runtime.ready, "partitions assigned and recovered" if runtime.ready else "joining the group"
-
-    admin = AdminServer(f"127.0.0.1:{web_port or 0}", stage.metrics.registry, ready,
-                        before_scrape=stage.metrics.sample)
-    await admin.start()
-    (data_dir / "web_port").write_text(f"{admin.port}\n", encoding="utf-8")
-    log.info("worker dedup: consuming %s as group %s, state %s, metrics http://127.0.0.1:%d/metrics",
-             ", ".join(stage.signals), runtime.group, data_dir, admin.port)
-    try:
-        return await runtime.run()
-    finally:
-        await admin.stop()

@@ -19,12 +19,11 @@ from confluent_kafka import KafkaException, Message
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry, Counter
 
-from kotel.admin_http import AdminServer
 from kotel.kafka.admin import create_topics
 from kotel.otlp import OtlpDecodeError, Signal
 from kotel.topology import Topology
 from streams.deadletter import DeadLetter
-from streams.kafka_stage import KafkaStage
+from streams.kafka_stage import KafkaStage, serve
 from streams.stages.routing_core import TENANT_HEADER, Router, routing_input
 from streams.telemetry import WorkerMetrics
 
@@ -190,20 +189,6 @@ class RoutingStage:
 
 def run(topology: Topology, data_dir: Path, web_port: int | None) -> int:
     """Entry point of `kotel worker route`: route until SIGTERM; the exit code."""
-    return asyncio.run(_serve(RoutingStage(topology, WorkerMetrics("route")), data_dir, web_port))
-
-
-async def _serve(stage: RoutingStage, data_dir: Path, web_port: int | None) -> int:
-    runtime = stage.runtime
-    def ready() -> tuple[bool, str]:
-        return runtime.ready, "partitions assigned" if runtime.ready else "joining the group"
-
-    admin = AdminServer(f"127.0.0.1:{web_port or 0}", stage.worker_metrics.registry, ready)
-    await admin.start()
-    (data_dir / "web_port").write_text(f"{admin.port}\n", encoding="utf-8")
-    log.info("worker route: consuming %s as group %s, metrics http://127.0.0.1:%d/metrics",
-             ", ".join(stage.sources), runtime.group, admin.port)
-    try:
-        return await runtime.run()
-    finally:
-        await admin.stop()
+    stage = RoutingStage(topology, WorkerMetrics("route"))
+    return asyncio.run(serve(stage.runtime, stage.worker_metrics, data_dir, web_port,
+                             f"consuming {', '.join(stage.sources)}"))

@@ -142,7 +142,7 @@ class StageWorker:
         return self.process is not None and self.process.poll() is None
 
     def wait_ready(self, timeout: float = 60.0) -> StageWorker:
-        """Until Faust reports the worker ready (partitions assigned, tables recovered)."""
+        """Until the worker reports ready (partitions assigned, state recovered)."""
         starts = self.log().count("Worker ready")
 
         def ready() -> bool:

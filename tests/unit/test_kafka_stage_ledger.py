@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from kotel.topology import parse_topology
-from streams.kafka_stage import KafkaStage, Ledger, StageFailed
+from streams.kafka_stage import KafkaStage
+from streams.ledger import Ledger, StageFailed
 
 
 def _future() -> asyncio.Future[Any]:
