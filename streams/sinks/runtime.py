@@ -169,7 +169,8 @@ class SinkRunner:
         # polls: confluent-kafka runs one call of a consumer at a time, so a synchronous commit from another
         # thread waited for the poll under way (until the next record came) and held up the batch after.
         # Commits go out in order on the coordinator's connection; the last one is waited for at the end.
-        due: dict[tuple[str, int], int] = {}
+        due: dict[tuple[str, int], int] = {}  # to send with the next poll
+        last: dict[tuple[str, int], int] = {}  # the last batch's, committed again synchronously at the end
         try:
             while not stop.is_set():
                 batch = await asyncio.to_thread(self._poll, due)
@@ -181,12 +182,12 @@ class SinkRunner:
                     if batch.records and not await self._handle(batch, stop):
                         break  # stopped while retrying: nothing of this batch is committed
                     self.handled.handled(batch.offsets)
-                    due = batch.offsets
+                    due = last = batch.offsets
                 if time.monotonic() - self._last_lag > LAG_INTERVAL_SECONDS:
                     await asyncio.to_thread(self._update_lag)
         finally:
-            if due:
-                await asyncio.to_thread(self._commit, due, False)
+            if last:
+                await asyncio.to_thread(self._commit, last, False)
             await asyncio.to_thread(self._close)
 
     def _poll(self, due: dict[tuple[str, int], int]) -> _Batch:
