@@ -15,6 +15,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 from confluent_kafka import Producer
@@ -134,10 +135,13 @@ def prefix_of(topology: Path) -> str:
     return parse_topology(topology.read_text(encoding="utf-8")).topics.prefix
 
 
-def drop_topics(bootstrap: str, prefix: str) -> None:
-    """A phase's topics (GBs of records) and the ones Faust made for it (changelogs, the assignor's
-    leader topic): on a broker that outlives the bench, leftovers pile up partitions for every run."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})  # no info lines at exit
+def drop_topics(bootstrap: str | dict[str, Any], prefix: str) -> None:
+    """A phase's topics (GBs of records) and the ones the stages made for it (changelogs, the assignor's
+    leader topic): on a broker that outlives the bench, leftovers pile up partitions for every run (a
+    broker with ~1,150 of them slowed the latency scenario: loadtest/results/scenarios.md).
+    ``bootstrap`` is host:port or a librdkafka configuration."""
+    config = {"bootstrap.servers": bootstrap} if isinstance(bootstrap, str) else dict(bootstrap)
+    admin = AdminClient({**config, "log_level": 4})  # no info lines at exit
     ours = (f"{prefix}.", f"kotel-{prefix}-")
     names = [t for t in admin.list_topics(timeout=10).topics if t.startswith(ours)]
     for future in admin.delete_topics(names).values() if names else ():

@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--bootstrap", metavar="HOST:PORT",
                      help="use this running broker instead of starting one (no broker faults then)")
     run.add_argument("--keep-work", action="store_true",
-                     help="keep the run's broker data, archive and logs even when it passed")
+                     help="keep the run's broker data, archive and logs (with --bootstrap: its topics) "
+                          "even when it passed")
     run.add_argument("--arrivals", choices=("even", "aligned", "poisson"),
                      help="open-loop arrival model instead of the scenario's workload.arrivals")
     run.set_defaults(func=_run)

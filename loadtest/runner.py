@@ -32,6 +32,7 @@ from rich.table import Table
 from kotel.kafka.broker import KafkaBroker
 from loadtest import environment as env
 from loadtest.accounting import Options, account, verdict
+from loadtest.bench_support import drop_topics
 from loadtest.collect import collect
 from loadtest.generator import Driver, Ledger, Shapes, make_target
 from loadtest.pipeline import Wiring, write_topology
@@ -298,7 +299,7 @@ class Run:
             "machine": {"cpus": os.cpu_count(), "memory_gib": round(mem, 1), "python": sys.version.split()[0],
                         "platform": platform.platform(), "load_average": load_average},
             "generator": {"max_behind_s": outcome["max_behind_s"], "sent": ledger.summary()},
-            "lag": outcome["lag"], "faults": self.fault_log,
+            "lag": outcome["lag"], "faults": self.fault_log, "topic_prefix": self.topology.topics.prefix,
             "processes": {name: u.summary() for name, u in sorted(watcher.usage.items())},
             "signals": signals,
         }
@@ -306,14 +307,16 @@ class Run:
 
 def run(scenario: Scenario, results: Path, bootstrap: str | None = None,
         console: Console | None = None, keep_work: bool = False) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Run ``scenario``; results (JSON, Markdown, PNG) go to ``results``; its work folder is removed
-    unless ``keep_work`` or the run failed."""
+    """Run ``scenario``; results (JSON, Markdown, PNG) go to ``results``; its work folder, and on a broker
+    given by ``bootstrap`` its topics, are removed unless ``keep_work`` or the run failed."""
     runner = Run(scenario, results, bootstrap, console)
     with sigterm_as_interrupt():  # a stopped run still stops its pipeline, backends and broker
         result = runner.execute()
     files = write_results(result, results)
     if result["passed"] and not keep_work:
         env.remove(runner.home)
+        if bootstrap and runner.topology is not None:  # a broker of its own went with the work folder
+            drop_topics(runner.topology.kafka.librdkafka_config(), runner.topology.topics.prefix)
     return result, files
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
 from loadtest.runner import run
@@ -32,3 +33,6 @@ def test_smoke_scenario_accounts_for_every_item(kafka_bootstrap: str, tmp_path: 
     sampling = result["signals"]["traces"]["sampling"]
     assert not sampling["applicable"] or sampling["ok"], summary
     assert files["chart"].exists()
+    prefix = result["topic_prefix"]  # a passed run on a broker it was given leaves no topic behind
+    left = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=15).topics
+    assert not [t for t in left if t.startswith((f"{prefix}.", f"kotel-{prefix}-"))]
