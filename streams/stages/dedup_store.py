@@ -345,10 +345,11 @@ class SeenStore:
         return read
 
     def estimated_keys(self, partitions: Iterable[int]) -> int:
-        """Identities held for ``partitions``, as RocksDB estimates."""
+        """Identities held for ``partitions``, as RocksDB estimates. Called at scrape time on the event loop
+        while recovery may add buckets on the consumer's thread: the bucket lists are copied first."""
         return sum(cf.property_int_value("rocksdb.estimate-num-keys") or 0
                    for partition in partitions if (part := self._parts.get(partition)) is not None
-                   for cf in part.buckets.values())
+                   for cf in list(part.buckets.values()))
 
 
 _V1 = struct.Struct(">qiq")  # stream time, output partition, output offset; identities follow
