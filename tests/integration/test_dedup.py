@@ -268,3 +268,23 @@ def test_a_data_dir_in_use_is_refused(tmp_path: Path, kafka_bootstrap: str) -> N
         done = run_cli("dedup", "--topology", str(env.topology_file), "--data-dir", str(data))
     assert done.returncode == 2
     assert done.stderr.strip() == f"{data} is in use by another worker; give each worker its own --data-dir"
+
+
+def test_topics_not_as_planned_exit_2_with_the_reason(tmp_path: Path, kafka_bootstrap: str) -> None:
+    """The state is kept per input partition: a topology planning another count than Kafka has is refused
+    before the worker joins its group."""
+    with StageEnv(kafka_bootstrap, tmp_path, LONG, partitions=3) as env:
+        planned = StageEnv(kafka_bootstrap, tmp_path, LONG, partitions=4, prefix=env.prefix)
+        done = run_cli("dedup", "--topology", str(planned.topology_file), "--data-dir", str(tmp_path / "d"))
+    raw, out = f"{env.prefix}.raw.traces", f"{env.prefix}.deduped.traces"
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"{raw} has 3 partitions and {out} 3 in Kafka, but the topology plans 4 for {raw} (run `kotel "
+        "topology apply`, and keep partition counts unchanged)")
+
+
+def test_kafka_out_of_reach_at_start_exits_69_with_the_reason(tmp_path: Path) -> None:
+    env = StageEnv("127.0.0.1:1", tmp_path, LONG)  # nothing listens on port 1
+    done = run_cli("dedup", "--topology", str(env.topology_file), "--data-dir", str(tmp_path / "d"))
+    assert done.returncode == 69, done.stderr
+    assert "cannot check the dedup topics in Kafka:" in done.stderr
