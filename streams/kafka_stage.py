@@ -246,12 +246,9 @@ class KafkaStage:
                     await self._process_poll(generation, messages, self._handle_batch)
                     continue
                 assert self._handle is not None
-                for message in messages:
+                for message in self._readable(messages):
                     if generation != self._generation:
                         break  # revoked meanwhile
-                    if message.error() is not None:
-                        log.warning("%s: consumer error %s", self.group, message.error())
-                        continue
                     futures, payload = await self._handle(message)
                     await self.ledger.add(message.topic(), message.partition(), message.offset(), futures,
                                           payload, len(message.value() or b""))
@@ -261,15 +258,16 @@ class KafkaStage:
     async def _process_poll(self, generation: int, messages: list[Message], handle: BatchHandler) -> None:
         if generation != self._generation:
             return  # revoked meanwhile
-        good = []
+        for message, futures, payload in await handle(self._readable(messages)):
+            await self.ledger.add(message.topic(), message.partition(), message.offset(), futures, payload,
+                                  len(message.value() or b""))
+
+    def _readable(self, messages: list[Message]) -> list[Message]:
+        """The poll's records; the errors it carried are logged (librdkafka retries on its own)."""
         for message in messages:
             if message.error() is not None:
                 log.warning("%s: consumer error %s", self.group, message.error())
-            else:
-                good.append(message)
-        for message, futures, payload in await handle(good):
-            await self.ledger.add(message.topic(), message.partition(), message.offset(), futures, payload,
-                                  len(message.value() or b""))
+        return [message for message in messages if message.error() is None]
 
     async def _commit_every(self) -> None:
         while True:
